@@ -1,0 +1,534 @@
+"""AdaRankAdamW and GaLoreAdamW: drop-in ``torch.optim.Optimizer`` classes.
+
+One optimizer serves two kinds of param group through the ``lowrank`` flag:
+low-rank groups project every matrix parameter's gradient onto a subspace and
+run Adam there; plain groups (and 1-D parameters of any group) get AdamW. The
+step math lives in ``functional.py``; this file holds state handling: when to
+refresh, tracking, moment transfer, checkpoints and accounting.
+
+Per-parameter state holds tensors and plain numbers only (``weights_only``
+checkpoints): ``step`` (0-d tensor), ``exp_avg``/``exp_avg_sq`` (compact for
+low-rank parameters), ``proj_left`` (m×r) and/or ``proj_right`` (n×r),
+``captured`` (0-d tensor: ‖R‖_F/‖G‖_F at the last step), and integer counters
+``rank``, ``moment_step``, ``since_refresh``, ``refreshes``, ``nonfinite_skips``
+plus the float ``overlap`` (subspace overlap at the last refresh).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .functional import adam_step_, lowrank_adam_step_
+from .projector import PROJ_TYPES, project, projector_from_svd, side_for
+from .rank import RANK_RULES
+from .rsvd import BACKENDS, mix_seed, truncated_svd
+from .subspace import (
+    MOMENT_POLICIES,
+    align_signs,
+    subspace_overlap,
+    track_subspace,
+    transfer_moments,
+)
+
+__all__ = ["AdaRankAdamW", "GaLoreAdamW"]
+
+# The low-rank options, their AdaRankAdamW defaults and their meaning.
+LOWRANK_DEFAULTS: dict[str, Any] = {
+    "lowrank": True,        # project matrix parameters of this group
+    "rank_rule": "energy",  # "energy" (adaptive) or "fixed" (always max_rank)
+    "eta": 0.9,             # η: energy fraction of Σσ² the rank must capture
+    "min_rank": 1,
+    "max_rank": 256,        # also clamped to min(m, n)
+    "rank_hysteresis": 0,   # ignore rank drops of at most this many
+    "update_gap": 200,      # T: steps between scheduled refreshes
+    "backend": "torch",     # "torch" | "fbpca" | "exact"
+    "oversample": 8,        # p: extra sketch columns
+    "power_iters": 2,       # q: subspace iterations of the range finder
+    "proj_type": "std",     # "std" | "reverse_std" | "left" | "right" | "full"
+    "track_every": 10,      # online subspace step every k steps (0: off)
+    "check_every": 10,      # test for a stale subspace every k steps (0: off)
+    "refresh_below": 0.5,   # refresh early when ‖R‖_F/‖G‖_F falls below this
+    "converge_tol": 0.0,    # refresh early when ‖R‖_F ≤ this (AdaRankGrad; 0: off)
+    "moments": "rotate",    # "keep" | "reset" | "rotate" on a subspace change
+    "scale": 0.25,          # α: back-projection scale
+    "nonfinite": "skip",    # "skip" (count, leave state untouched) | "raise"
+    "seed": 0,              # base seed of the sketches' random streams
+}
+
+_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
+# Keys torch or its schedulers may add to a group.
+_TORCH_KEYS = ("params", "param_names", "initial_lr")
+_NONFINITE_POLICIES = ("skip", "raise")
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+_PROJ_KEYS = ("proj_left", "proj_right")
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid {name}={value!r}: expected {expected}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_group(group: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first invalid hyper-parameter of ``group``."""
+    lr = group["lr"]
+    _check(isinstance(lr, (int, float)) and lr >= 0, "lr", lr, "a number >= 0")
+    betas = group["betas"]
+    _check(
+        isinstance(betas, (tuple, list)) and len(betas) == 2
+        and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas),
+        "betas", betas, "two numbers in [0, 1)",
+    )
+    _check(isinstance(group["eps"], (int, float)) and group["eps"] >= 0, "eps", group["eps"],
+           "a number >= 0")
+    wd = group["weight_decay"]
+    _check(isinstance(wd, (int, float)) and wd >= 0, "weight_decay", wd, "a number >= 0")
+    _check(isinstance(group["lowrank"], bool), "lowrank", group["lowrank"], "True or False")
+    _check(group["rank_rule"] in RANK_RULES, "rank_rule", group["rank_rule"],
+           f"one of {sorted(RANK_RULES)}")
+    eta = group["eta"]
+    _check(isinstance(eta, (int, float)) and 0.0 < eta <= 1.0, "eta", eta, "a number in (0, 1]")
+    for key in ("min_rank", "max_rank", "update_gap"):
+        _check(_is_int(group[key]) and group[key] >= 1, key, group[key], "an integer >= 1")
+    if group["min_rank"] > group["max_rank"]:
+        raise ValueError(
+            f"invalid min_rank={group['min_rank']} > max_rank={group['max_rank']}: "
+            "min_rank must not exceed max_rank"
+        )
+    for key in ("rank_hysteresis", "oversample", "power_iters", "track_every", "check_every",
+                "seed"):
+        _check(_is_int(group[key]) and group[key] >= 0, key, group[key], "an integer >= 0")
+    _check(group["backend"] in BACKENDS, "backend", group["backend"], f"one of {sorted(BACKENDS)}")
+    _check(group["proj_type"] in PROJ_TYPES, "proj_type", group["proj_type"],
+           f"one of {PROJ_TYPES}")
+    _check(group["moments"] in MOMENT_POLICIES, "moments", group["moments"],
+           f"one of {MOMENT_POLICIES}")
+    _check(group["nonfinite"] in _NONFINITE_POLICIES, "nonfinite", group["nonfinite"],
+           f"one of {_NONFINITE_POLICIES}")
+    rb = group["refresh_below"]
+    _check(isinstance(rb, (int, float)) and 0.0 <= rb <= 1.0, "refresh_below", rb,
+           "a number in [0, 1]")
+    ct = group["converge_tol"]
+    _check(isinstance(ct, (int, float)) and ct >= 0, "converge_tol", ct, "a number >= 0")
+    sc = group["scale"]
+    _check(isinstance(sc, (int, float)) and sc > 0, "scale", sc, "a number > 0")
+
+
+class AdaRankAdamW(Optimizer):
+    """AdamW with gradients of matrix parameters projected onto an adaptive-rank subspace.
+
+    At a refresh the subspace comes from a randomized SVD of the gradient and
+    its rank is the smallest capturing ``eta`` of ‖G‖_F² (clamped to
+    ``[min_rank, max_rank]``). Between refreshes the subspace follows the
+    gradient by one subspace-iteration step every ``track_every`` steps. A
+    refresh happens every ``update_gap`` steps, or earlier when the captured
+    fraction ‖PᵀG‖_F/‖G‖_F falls below ``refresh_below`` (tested every
+    ``check_every`` steps). Moments cross a subspace change by ``moments``.
+
+    Args:
+        params: parameters or param groups; ``adarank.param_groups(model)``
+            builds a low-rank group and a plain AdamW group with names.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled decay).
+        **lowrank: defaults of the low-rank options (see ``LOWRANK_DEFAULTS``);
+            each can be overridden per param group.
+
+    Example::
+
+        opt = adarank.AdaRankAdamW(adarank.param_groups(model), lr=1e-3, eta=0.9)
+    """
+
+    _convention = "torch"
+    # Align basis signs with the previous subspace (GaLore's reference does not).
+    _align_signs = True
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        **lowrank: Any,
+    ) -> None:
+        defaults = dict(self._lowrank_defaults())
+        self._reject_unknown(lowrank, "optimizer argument")
+        defaults.update(lowrank)
+        defaults.update(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        validate_group(defaults)
+        super().__init__(params, defaults)
+
+    @classmethod
+    def _lowrank_defaults(cls) -> dict[str, Any]:
+        return LOWRANK_DEFAULTS
+
+    def _reject_unknown(self, keys: Iterable[str], what: str) -> None:
+        allowed = set(LOWRANK_DEFAULTS) | set(_ADAM_KEYS) | set(_TORCH_KEYS)
+        unknown = sorted(set(keys) - allowed)
+        if unknown:
+            raise ValueError(
+                f"unknown {what} {unknown[0]!r} for {type(self).__name__}; "
+                f"known: {sorted(allowed - set(_TORCH_KEYS))}"
+            )
+
+    def _translate_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        return group
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        param_group = self._translate_group(dict(param_group))
+        self._reject_unknown(param_group, "param-group key")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = float(group["lr"])
+        group["betas"] = tuple(group["betas"])
+        try:
+            validate_group(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    # ------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One optimisation step; returns ``closure()``'s loss when given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = 0
+        for group in self.param_groups:
+            params = group["params"]
+            with_grad = [(index + i, p) for i, p in enumerate(params) if p.grad is not None]
+            index += len(params)
+            if not with_grad:
+                continue
+            for _, p in with_grad:
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients "
+                        f"(parameter {self._name_of(group, p)}); use dense gradients, "
+                        "e.g. nn.Embedding(sparse=False)"
+                    )
+            # One host synchronisation per group for the finiteness test.
+            finite = torch.stack([torch.isfinite(p.grad).all() for _, p in with_grad]).tolist()
+            for (i, p), ok in zip(with_grad, finite, strict=True):
+                state = self.state[p]
+                if not ok:
+                    if group["nonfinite"] == "raise":
+                        raise FloatingPointError(
+                            f"non-finite gradient for parameter {self._name_of(group, p)} "
+                            "(set nonfinite='skip' to skip such steps instead)"
+                        )
+                    state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
+                    continue
+                if group["lowrank"] and p.ndim >= 2:
+                    self._lowrank_param_step(p, state, group, i)
+                else:
+                    self._plain_param_step(p, state, group)
+        return loss
+
+    def _plain_param_step(self, p: torch.Tensor, state: dict, group: dict) -> None:
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state.setdefault("nonfinite_skips", 0)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        adam_step_(
+            p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=int(state["step"]),
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], convention=self._convention,
+        )
+
+    def _lowrank_param_step(self, p: torch.Tensor, state: dict, group: dict, index: int) -> None:
+        # Projection math in float32 whatever the parameter dtype (DESIGN §5).
+        G = p.grad.reshape(p.shape[0], -1).to(torch.float32)
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+            for key, value in (("rank", 0), ("moment_step", 0), ("since_refresh", 0),
+                               ("refreshes", 0), ("overlap", float("nan"))):
+                state[key] = value
+            state.setdefault("nonfinite_skips", 0)
+        refresh = "exp_avg" not in state or state["since_refresh"] >= group["update_gap"]
+        check = group["check_every"]
+        if not refresh and check and state["since_refresh"] % check == 0:
+            refresh = self._subspace_is_stale(G, state, group)
+        if refresh:
+            self._refresh(G, state, group, index)
+        elif group["track_every"] and state["since_refresh"] % group["track_every"] == 0:
+            self._track(G, state, group)
+
+        state["step"] += 1
+        state["moment_step"] += 1
+        state["since_refresh"] += 1
+        beta1, beta2 = group["betas"]
+        R = lowrank_adam_step_(
+            p, G, state.get("proj_left"), state.get("proj_right"), state["exp_avg"],
+            state["exp_avg_sq"], step=state["moment_step"], lr=group["lr"], beta1=beta1,
+            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            scale=group["scale"], convention=self._convention,
+        )
+        # Kept on the device: reading it costs a sync only when someone asks.
+        state["captured"] = torch.linalg.vector_norm(R) / torch.linalg.vector_norm(G).clamp_min(
+            torch.finfo(torch.float32).tiny
+        )
+
+    def _subspace_is_stale(self, G: torch.Tensor, state: dict, group: dict) -> bool:
+        R = project(G, state.get("proj_left"), state.get("proj_right"))
+        r_norm = float(torch.linalg.vector_norm(R))
+        g_norm = float(torch.linalg.vector_norm(G))
+        if g_norm == 0.0:
+            return False
+        return r_norm / g_norm < group["refresh_below"] or r_norm <= group["converge_tol"]
+
+    def _refresh(self, G: torch.Tensor, state: dict, group: dict, index: int) -> None:
+        m, n = G.shape
+        side = side_for((m, n), group["proj_type"])
+        cap = max(1, min(group["max_rank"], m, n))
+        previous = state["rank"]
+        seed = mix_seed(group["seed"], index, state["refreshes"])
+        options = dict(oversample=group["oversample"], power_iters=group["power_iters"])
+        rule = RANK_RULES[group["rank_rule"]]
+        if group["rank_rule"] == "fixed" or group["backend"] == "exact":
+            sketch = cap
+        else:
+            sketch = min(cap, max(group["min_rank"], 2 * previous if previous else 16))
+        total_energy = float(G.square().sum())
+        while True:
+            # Fixed-accuracy range finder: grow the sketch until η is reached.
+            U, S, Vh = truncated_svd(G, sketch, group["backend"], seed=mix_seed(seed, sketch),
+                                     **options)
+            rank, satisfied = rule(S, total_energy, group, previous)
+            if satisfied or sketch >= cap:
+                break
+            sketch = min(2 * sketch, cap)
+        rank = max(1, min(rank, cap, S.numel()))
+        P_new, Q_new = projector_from_svd(U, Vh, rank, side)
+        P_old, Q_old = state.get("proj_left"), state.get("proj_right")
+        if self._align_signs:
+            P_new = None if P_new is None else align_signs(P_new, P_old)
+            Q_new = None if Q_new is None else align_signs(Q_new, Q_old)
+        if "exp_avg" in state:
+            self._change_subspace(state, group, P_new, Q_new)
+            state["overlap"] = subspace_overlap(P_old, P_new) if P_new is not None else (
+                subspace_overlap(Q_old, Q_new))
+        else:
+            shape = (rank if P_new is not None else m, rank if Q_new is not None else n)
+            state["exp_avg"] = G.new_zeros(shape)
+            state["exp_avg_sq"] = G.new_zeros(shape)
+            self._set_projectors(state, P_new, Q_new)
+        state["rank"] = rank
+        state["refreshes"] += 1
+        state["since_refresh"] = 0
+
+    def _track(self, G: torch.Tensor, state: dict, group: dict) -> None:
+        P_new, Q_new = track_subspace(G, state.get("proj_left"), state.get("proj_right"))
+        self._change_subspace(state, group, P_new, Q_new)
+
+    def _change_subspace(
+        self, state: dict, group: dict, P_new: torch.Tensor | None, Q_new: torch.Tensor | None
+    ) -> None:
+        P_old, Q_old = state.get("proj_left"), state.get("proj_right")
+        C_left = None if P_new is None else P_new.T @ P_old
+        C_right = None if Q_new is None else Q_new.T @ Q_old
+        M, V, reset = transfer_moments(
+            state["exp_avg"], state["exp_avg_sq"], C_left, C_right, group["moments"]
+        )
+        state["exp_avg"], state["exp_avg_sq"] = M, V
+        if reset:
+            state["moment_step"] = 0
+        self._set_projectors(state, P_new, Q_new)
+
+    @staticmethod
+    def _set_projectors(state: dict, P: torch.Tensor | None, Q: torch.Tensor | None) -> None:
+        for key, value in zip(_PROJ_KEYS, (P, Q), strict=True):
+            if value is None:
+                state.pop(key, None)
+            else:
+                state[key] = value
+
+    # ------------------------------------------------------------ accounting
+
+    @staticmethod
+    def _name_of(group: dict, p: torch.Tensor) -> str:
+        names = group.get("param_names")
+        for i, q in enumerate(group["params"]):
+            if q is p:
+                return names[i] if names else f"#{i} of its group"
+        return "?"
+
+    def _lowrank_params(self) -> Iterable[tuple[str, torch.Tensor]]:
+        index = 0
+        for group in self.param_groups:
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                if group["lowrank"] and p.ndim >= 2:
+                    yield (names[i] if names else str(index + i)), p
+            index += len(group["params"])
+
+    def _per_param(self, key: str, default: Any) -> dict[str, Any]:
+        out = {}
+        for name, p in self._lowrank_params():
+            value = self.state[p].get(key, default) if p in self.state else default
+            out[name] = value.item() if isinstance(value, torch.Tensor) else value
+        return out
+
+    def ranks(self) -> dict[str, int]:
+        """Current rank of every low-rank parameter (0 before its first step)."""
+        return self._per_param("rank", 0)
+
+    def refresh_counts(self) -> dict[str, int]:
+        """Number of SVD refreshes each low-rank parameter has had."""
+        return self._per_param("refreshes", 0)
+
+    def captured_energy(self) -> dict[str, float]:
+        """‖R‖_F/‖G‖_F at each low-rank parameter's last step (nan before one)."""
+        return self._per_param("captured", float("nan"))
+
+    def subspace_overlaps(self) -> dict[str, float]:
+        """Overlap of the subspaces before and after each parameter's last refresh."""
+        return self._per_param("overlap", float("nan"))
+
+    def nonfinite_skips(self) -> dict[str, int]:
+        """Steps skipped because of a NaN/Inf gradient, for every parameter that had one."""
+        out = {}
+        index = 0
+        for group in self.param_groups:
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                skips = self.state[p].get("nonfinite_skips", 0) if p in self.state else 0
+                if skips:
+                    out[names[i] if names else str(index + i)] = skips
+            index += len(group["params"])
+        return out
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of every tensor in ``self.state``: ``total`` and by kind
+        (``moments``, ``projectors``, ``other``)."""
+        out = {"moments": 0, "projectors": 0, "other": 0}
+        for state in self.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    kind = ("moments" if key in _MOMENT_KEYS
+                            else "projectors" if key in _PROJ_KEYS else "other")
+                    out[kind] += value.numel() * value.element_size()
+        out["total"] = sum(out.values())
+        return out
+
+    # ------------------------------------------------------------ checkpoints
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()``; tensors keep their saved dtypes (torch's loader
+        would cast float32 moments and projectors to a bf16 parameter's dtype)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        if len(saved_ids) != len(params):
+            raise ValueError(
+                f"checkpoint holds {len(saved_ids)} parameters, this optimizer {len(params)}"
+            )
+        by_id = dict(zip(saved_ids, params, strict=True))
+        names = [
+            n for g in self.param_groups for n in g.get("param_names", [None] * len(g["params"]))
+        ]
+        name_by_id = dict(zip(saved_ids, names, strict=True))
+        saved_groups = {i: g for g in state_dict["param_groups"] for i in g["params"]}
+        for pid, st in state_dict["state"].items():
+            if pid in by_id:
+                self._check_state_fits(by_id[pid], st, saved_groups[pid],
+                                       name_by_id[pid] or f"index {pid}")
+        super().load_state_dict(state_dict)
+        for pid, st in state_dict["state"].items():
+            if pid in by_id:
+                p = by_id[pid]
+                for key, value in st.items():
+                    if isinstance(value, torch.Tensor):
+                        self.state[p][key] = value.to(device=p.device, copy=True)
+
+    @staticmethod
+    def _check_state_fits(p: torch.Tensor, st: dict, group: dict, name: str) -> None:
+        if "exp_avg" not in st:
+            return
+        shape = tuple(p.shape)
+        if group.get("lowrank") and p.ndim >= 2:
+            m, n = shape[0], math.prod(shape[1:])
+            rows = st["proj_left"].shape[1] if "proj_left" in st else m
+            cols = st["proj_right"].shape[1] if "proj_right" in st else n
+            fits = (
+                ("proj_left" not in st or st["proj_left"].shape[0] == m)
+                and ("proj_right" not in st or st["proj_right"].shape[0] == n)
+                and tuple(st["exp_avg"].shape) == (rows, cols)
+            )
+        else:
+            fits = tuple(st["exp_avg"].shape) == shape
+        if not fits:
+            saved = {k: tuple(v.shape) for k, v in st.items() if isinstance(v, torch.Tensor)}
+            raise ValueError(
+                f"checkpoint state for parameter {name} does not fit its shape {shape}: "
+                f"saved tensors {saved}; load it into the model it was saved from"
+            )
+
+
+# GaLore's reference key names and ours.
+_GALORE_KEYS = {"rank": "max_rank", "update_proj_gap": "update_gap"}
+
+
+class GaLoreAdamW(AdaRankAdamW):
+    """The published GaLore AdamW (arXiv 2403.03507, Algorithm 2), reference semantics.
+
+    Groups that carry ``rank`` (and optionally ``update_proj_gap``, ``scale``,
+    ``proj_type``) are projected, others get plain AdamW, exactly as with the
+    reference package. Fixed rank, exact SVD of the float32 gradient at the first
+    step and every ``update_proj_gap`` steps, moments kept across refreshes, no
+    tracking, ``scale`` α=0.25 by default, the reference's Adam convention
+    (``√v + eps`` denominator, step size ``lr·√(1−β₂ᵗ)/(1−β₁ᵗ)``, decay after the
+    update). AdaRankAdamW's options may be set too (e.g. ``backend="torch"``).
+    Stored groups use adarank's names (``max_rank``, ``update_gap``).
+    """
+
+    _convention = "galore"
+    _align_signs = False
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        **lowrank: Any,
+    ) -> None:
+        lowrank = self._translate_group(dict(lowrank))
+        # Options given to the constructor apply to groups that do not say
+        # otherwise; a rank given here makes those groups low-rank.
+        lowrank.setdefault("lowrank", "max_rank" in lowrank)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **lowrank)
+
+    @classmethod
+    def _lowrank_defaults(cls) -> dict[str, Any]:
+        return dict(
+            LOWRANK_DEFAULTS, lowrank=False, rank_rule="fixed", max_rank=128, backend="exact",
+            track_every=0, check_every=0, refresh_below=0.0, moments="keep",
+        )
+
+    def _translate_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        # As in the reference, a group is projected when it names a rank.
+        if "params" in group and "lowrank" not in group and (
+            "rank" in group or "max_rank" in group
+        ):
+            group["lowrank"] = True
+        for theirs, ours in _GALORE_KEYS.items():
+            if theirs in group:
+                value = group.pop(theirs)
+                _check(_is_int(value) and value >= 1, theirs, value, "an integer >= 1")
+                group[ours] = value
+        return group

@@ -1,0 +1,201 @@
+"""Truncated SVD backends: randomized (torch, fbpca) and exact.
+
+Every backend answers the same question: the top-``k`` singular triplets of a
+matrix ``G`` (m×n), returned as float32 torch tensors ``U`` (m×k), ``S`` (k,),
+``Vh`` (k×n) on ``G``'s device, ``S`` in descending order.
+
+The randomized backends follow Halko, Martinsson & Tropp (2011), "Finding
+structure with randomness", Algorithms 4.3/4.4 and 5.1: sketch ``Y = G Ω`` with a
+Gaussian ``Ω`` of ``k + oversample`` columns, ``power_iters`` rounds of subspace
+iteration re-orthonormalised by QR, ``Q = orth(Y)``, then the small SVD of
+``Qᵀ G``. Singular values from a sketch are lower bounds of the true ones, so
+energy computed from them never overstates what a rank captures.
+
+Reproducibility: the Gaussian test matrix is drawn from a generator seeded by
+``seed``; the same seed, shape and device give the same sketch. The fbpca
+backend seeds numpy's global generator and restores its previous state
+afterwards, so callers' numpy streams are untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "exact_svd",
+    "fbpca_svd",
+    "mix_seed",
+    "randomized_svd",
+    "truncated_svd",
+]
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """Combine integers into one 63-bit seed (splitmix64 finaliser per part).
+
+    Used to derive a sketch's seed from (base seed, parameter index, refresh
+    count), so a resumed run draws exactly the sketch the uninterrupted run drew.
+    """
+    h = 0x9E3779B97F4A7C15
+    for part in parts:
+        h = (h ^ (int(part) & _MASK64)) & _MASK64
+        h = (h * 0xBF58476D1CE4E5B9) & _MASK64
+        h ^= h >> 27
+        h = (h * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
+
+
+def _gaussian(rows: int, cols: int, seed: int | None, device: torch.device) -> torch.Tensor:
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(seed))
+    return torch.randn(rows, cols, generator=gen, device=device, dtype=torch.float32)
+
+
+def _orth(Y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(Y, mode="reduced").Q
+
+
+def randomized_svd(
+    G: torch.Tensor,
+    k: int,
+    *,
+    oversample: int = 8,
+    power_iters: int = 2,
+    seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` SVD of ``G`` by a seeded randomized range finder, in float32.
+
+    Args:
+        G: matrix (m×n), any floating dtype, any device; computed in float32.
+        k: number of triplets wanted, ``1 <= k``; clamped to ``min(m, n)``.
+        oversample: extra sketch columns ``p`` (sketch width ``l = k + p``).
+        power_iters: subspace-iteration rounds ``q``; each multiplies the gap
+            between kept and discarded singular values by ``(σ_k+1/σ_k)^{2}``.
+        seed: seed of the Gaussian test matrix; ``None`` uses torch's global RNG.
+
+    Returns:
+        ``(U, S, Vh)``: float32 on ``G``'s device, shapes (m×k), (k,), (k×n).
+        ``U`` and ``Vh`` rows are orthonormal to float32 rounding.
+
+    The sketch is taken on the longer side, so the QR factorisations are of
+    ``max(m, n)×l`` panels and the small SVD is of an ``l×min(m, n)`` matrix.
+    """
+    if G.ndim != 2:
+        raise ValueError(f"randomized_svd: G must be 2-D, got shape {tuple(G.shape)}")
+    if k < 1:
+        raise ValueError(f"randomized_svd: k must be >= 1, got {k}")
+    if oversample < 0 or power_iters < 0:
+        raise ValueError("randomized_svd: oversample and power_iters must be >= 0")
+    A = G.to(torch.float32)
+    m, n = A.shape
+    transposed = m < n
+    if transposed:
+        # Work on the tall orientation: the range of Aᵀ is the row space of G.
+        A = A.T
+        m, n = n, m
+    k = min(k, n)
+    width = min(k + oversample, n)
+    omega = _gaussian(n, width, seed, A.device)
+    Q = _orth(A @ omega)
+    for _ in range(power_iters):
+        Z = _orth(A.T @ Q)
+        Q = _orth(A @ Z)
+    B = Q.T @ A  # width × n
+    Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
+    U = Q @ Ub[:, :k]
+    S = S[:k]
+    Vh = Vh[:k]
+    if transposed:
+        # G = Aᵀ = V S Uᵀ: swap the roles back.
+        return Vh.T.contiguous(), S, U.T.contiguous()
+    return U, S, Vh
+
+
+def fbpca_svd(
+    G: torch.Tensor,
+    k: int,
+    *,
+    oversample: int = 8,
+    power_iters: int = 2,
+    seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` SVD through ``fbpca.pca`` (CPU, float64 internally).
+
+    ``raw=True`` is essential: with ``raw=False`` fbpca centres the columns and
+    returns the SVD of a different matrix. fbpca draws from numpy's global
+    generator, which is seeded here and restored afterwards. Results are cast
+    to float32 and moved back to ``G``'s device.
+    """
+    import fbpca  # local: an optional reference backend, and slow to import
+
+    if G.ndim != 2:
+        raise ValueError(f"fbpca_svd: G must be 2-D, got shape {tuple(G.shape)}")
+    k = max(1, min(k, min(G.shape)))
+    width = min(k + oversample, min(G.shape))
+    A = G.detach().to("cpu", torch.float64).numpy()
+    saved = np.random.get_state()
+    try:
+        if seed is not None:
+            np.random.seed(seed % (2**32))
+        U, s, Vh = fbpca.pca(A, k=k, raw=True, n_iter=power_iters, l=width)
+    finally:
+        np.random.set_state(saved)
+    dev = G.device
+
+    def back(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x)).to(dev, torch.float32)
+
+    return back(U), back(s), back(Vh)
+
+
+def exact_svd(
+    G: torch.Tensor,
+    k: int,
+    *,
+    oversample: int = 8,
+    power_iters: int = 2,
+    seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` of the full ``torch.linalg.svd`` of float32 ``G`` (GaLore's choice).
+
+    ``oversample``, ``power_iters`` and ``seed`` are accepted and ignored, so all
+    backends share one signature.
+    """
+    del oversample, power_iters, seed
+    U, S, Vh = torch.linalg.svd(G.to(torch.float32), full_matrices=False)
+    k = max(1, min(k, S.shape[0]))
+    return U[:, :k], S[:k], Vh[:k]
+
+
+Backend = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+BACKENDS: dict[str, Backend] = {
+    "torch": randomized_svd,
+    "fbpca": fbpca_svd,
+    "exact": exact_svd,
+}
+
+
+def truncated_svd(
+    G: torch.Tensor,
+    k: int,
+    backend: str = "torch",
+    **kwargs: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dispatch to a registered backend by name (``"torch"``, ``"fbpca"``, ``"exact"``)."""
+    try:
+        fn = BACKENDS[backend]
+    except KeyError:
+        raise ValueError(
+            f"backend={backend!r} is not known; choose one of {sorted(BACKENDS)}"
+        ) from None
+    return fn(G, k, **kwargs)

@@ -1,0 +1,1 @@
+"""Spectrum analysis for adarank (filled in by issue 3)."""
