@@ -21,41 +21,52 @@ import torch
 
 from .projector import project, project_back
 
-__all__ = ["CONVENTIONS", "adam_direction", "apply_update_", "lowrank_adam_step_", "adam_step_"]
+__all__ = [
+    "CONVENTIONS",
+    "adam_direction",
+    "adam_step_",
+    "apply_update_",
+    "lowrank_adam_step_",
+    "update_moments_",
+]
 
 CONVENTIONS = ("torch", "galore")
 
 
-def update_moments_(R: torch.Tensor, M: torch.Tensor, V: torch.Tensor, beta1: float, beta2: float):
+def update_moments_(
+    R: torch.Tensor, M: torch.Tensor, V: torch.Tensor, beta1: float, beta2: float
+) -> None:
     """Exponential moving averages in place: ``M ← β₁M + (1−β₁)R``, ``V ← β₂V + (1−β₂)R²``."""
     M.lerp_(R, 1.0 - beta1)
     V.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
 
 
-def adam_direction(
-    M: torch.Tensor, V: torch.Tensor, step: int, beta1: float, beta2: float, eps: float,
-    convention: str,
-) -> tuple[torch.Tensor, float]:
-    """Normalised direction ``N`` and the factor multiplying ``lr`` for moment step ``t``.
+Weight = float | torch.Tensor
 
-    ``step`` counts the updates folded into ``M`` and ``V`` (t ≥ 1); the caller
-    restarts it when moments are reset, so bias correction stays exact.
+
+def adam_direction(
+    M: torch.Tensor, V: torch.Tensor, bc1: Weight, bc2: Weight, eps: float, convention: str
+) -> torch.Tensor:
+    """Normalised direction ``N`` (the update is ``−lr·N``) from raw moments.
+
+    ``bc1``, ``bc2`` are the accumulated weights of the moving averages: Adam's
+    bias corrections ``1 − βᵗ`` (floats), or tensors broadcasting against the
+    moments when each compact coordinate has its own history (after a subspace
+    change, see ``subspace.transfer_moments``).
     """
-    bc1 = 1.0 - beta1**step
-    bc2 = 1.0 - beta2**step
+    sqrt_bc2 = bc2.sqrt() if isinstance(bc2, torch.Tensor) else math.sqrt(bc2)
     if convention == "galore":
-        return M / (V.sqrt() + eps), math.sqrt(bc2) / bc1
-    return M / (V.sqrt() / math.sqrt(bc2) + eps), 1.0 / bc1
+        return M / (V.sqrt() + eps) * (sqrt_bc2 / bc1)
+    return M / (V.sqrt() / sqrt_bc2 + eps) / bc1
 
 
 def apply_update_(
-    p: torch.Tensor, delta: torch.Tensor, lr: float, step_factor: float, weight_decay: float,
-    convention: str,
+    p: torch.Tensor, delta: torch.Tensor, lr: float, weight_decay: float, convention: str
 ) -> None:
-    """``p ← p − lr·step_factor·delta`` with decoupled weight decay per ``convention``."""
+    """``p ← p − lr·delta`` with decoupled weight decay placed per ``convention``."""
     if convention == "torch" and weight_decay != 0.0:
         p.mul_(1.0 - lr * weight_decay)
-    p.add_(delta.to(p.dtype).view_as(p), alpha=-lr * step_factor)
+    p.add_(delta.to(p.dtype).view_as(p), alpha=-lr)
     if convention == "galore" and weight_decay > 0.0:
         p.add_(p, alpha=-lr * weight_decay)
 
@@ -66,23 +77,26 @@ def adam_step_(
 ) -> None:
     """Plain AdamW on a full-size parameter (biases, norms, excluded weights)."""
     update_moments_(g.to(torch.float32), M, V, beta1, beta2)
-    N, factor = adam_direction(M, V, step, beta1, beta2, eps, convention)
-    apply_update_(p, N, lr, factor, weight_decay, convention)
+    N = adam_direction(M, V, 1.0 - beta1**step, 1.0 - beta2**step, eps, convention)
+    apply_update_(p, N, lr, weight_decay, convention)
 
 
 def lowrank_adam_step_(
     p: torch.Tensor, G: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None,
-    M: torch.Tensor, V: torch.Tensor, *, step: int, lr: float, beta1: float, beta2: float,
-    eps: float, weight_decay: float, scale: float, convention: str,
+    M: torch.Tensor, V: torch.Tensor, bc1: torch.Tensor, bc2: torch.Tensor, *, lr: float,
+    beta1: float, beta2: float, eps: float, weight_decay: float, scale: float, convention: str,
 ) -> torch.Tensor:
     """Adam in the compact space (DESIGN §3.6) and the back-projected update.
 
     ``G`` is the float32 gradient as an m×n matrix, ``P`` (m×r) / ``Q`` (n×r) the
-    projectors, ``M``/``V`` the compact moments (updated in place). Returns the
+    projectors, ``M``/``V`` the compact moments and ``bc1``/``bc2`` their
+    per-coordinate accumulated weights (all updated in place). Returns the
     compact gradient ``R`` so callers can measure what the subspace captured.
     """
     R = project(G, P, Q)
     update_moments_(R, M, V, beta1, beta2)
-    N, factor = adam_direction(M, V, step, beta1, beta2, eps, convention)
-    apply_update_(p, project_back(N, P, Q), lr, factor * scale, weight_decay, convention)
+    bc1.mul_(beta1).add_(1.0 - beta1)
+    bc2.mul_(beta2).add_(1.0 - beta2)
+    N = adam_direction(M, V, bc1, bc2, eps, convention)
+    apply_update_(p, project_back(N, P, Q).mul_(scale), lr, weight_decay, convention)
     return R

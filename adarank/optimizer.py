@@ -9,8 +9,10 @@ refresh, tracking, moment transfer, checkpoints and accounting.
 Per-parameter state holds tensors and plain numbers only (``weights_only``
 checkpoints): ``step`` (0-d tensor), ``exp_avg``/``exp_avg_sq`` (compact for
 low-rank parameters), ``proj_left`` (m×r) and/or ``proj_right`` (n×r),
-``captured`` (0-d tensor: ‖R‖_F/‖G‖_F at the last step), and integer counters
-``rank``, ``moment_step``, ``since_refresh``, ``refreshes``, ``nonfinite_skips``
+``bias1``/``bias2`` (the moments' accumulated weights per compact coordinate,
+Adam's ``1 − βᵗ`` until a subspace change), ``captured`` (0-d tensor:
+‖R‖_F/‖G‖_F at the last step), and integer counters ``rank``,
+``since_refresh``, ``refreshes``, ``nonfinite_skips``
 plus the float ``overlap`` (subspace overlap at the last refresh).
 """
 
@@ -66,6 +68,7 @@ _TORCH_KEYS = ("params", "param_names", "initial_lr")
 _NONFINITE_POLICIES = ("skip", "raise")
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 _PROJ_KEYS = ("proj_left", "proj_right")
+_BIAS_KEYS = ("bias1", "bias2")
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
@@ -255,7 +258,7 @@ class AdaRankAdamW(Optimizer):
         G = p.grad.reshape(p.shape[0], -1).to(torch.float32)
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
-            for key, value in (("rank", 0), ("moment_step", 0), ("since_refresh", 0),
+            for key, value in (("rank", 0), ("since_refresh", 0),
                                ("refreshes", 0), ("overlap", float("nan"))):
                 state[key] = value
             state.setdefault("nonfinite_skips", 0)
@@ -269,12 +272,11 @@ class AdaRankAdamW(Optimizer):
             self._track(G, state, group)
 
         state["step"] += 1
-        state["moment_step"] += 1
         state["since_refresh"] += 1
         beta1, beta2 = group["betas"]
         R = lowrank_adam_step_(
             p, G, state.get("proj_left"), state.get("proj_right"), state["exp_avg"],
-            state["exp_avg_sq"], step=state["moment_step"], lr=group["lr"], beta1=beta1,
+            state["exp_avg_sq"], state["bias1"], state["bias2"], lr=group["lr"], beta1=beta1,
             beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             scale=group["scale"], convention=self._convention,
         )
@@ -326,6 +328,11 @@ class AdaRankAdamW(Optimizer):
             shape = (rank if P_new is not None else m, rank if Q_new is not None else n)
             state["exp_avg"] = G.new_zeros(shape)
             state["exp_avg_sq"] = G.new_zeros(shape)
+            # One accumulated weight per compact coordinate (see transfer_moments).
+            weight_shape = (shape[0] if P_new is not None else 1,
+                            shape[1] if Q_new is not None else 1)
+            state["bias1"] = G.new_zeros(weight_shape)
+            state["bias2"] = G.new_zeros(weight_shape)
             self._set_projectors(state, P_new, Q_new)
         state["rank"] = rank
         state["refreshes"] += 1
@@ -341,12 +348,10 @@ class AdaRankAdamW(Optimizer):
         P_old, Q_old = state.get("proj_left"), state.get("proj_right")
         C_left = None if P_new is None else P_new.T @ P_old
         C_right = None if Q_new is None else Q_new.T @ Q_old
-        M, V, reset = transfer_moments(
-            state["exp_avg"], state["exp_avg_sq"], C_left, C_right, group["moments"]
-        )
-        state["exp_avg"], state["exp_avg_sq"] = M, V
-        if reset:
-            state["moment_step"] = 0
+        moments = [state[key] for key in _MOMENT_KEYS + _BIAS_KEYS]
+        moments = transfer_moments(*moments, C_left, C_right, group["moments"])
+        for key, value in zip(_MOMENT_KEYS + _BIAS_KEYS, moments, strict=True):
+            state[key] = value
         self._set_projectors(state, P_new, Q_new)
 
     @staticmethod

@@ -78,42 +78,64 @@ def _transfer(
     return x
 
 
+def _square(C: torch.Tensor | None) -> torch.Tensor | None:
+    return None if C is None else C.square()
+
+
 def transfer_moments(
     M: torch.Tensor,
     V: torch.Tensor,
+    W1: torch.Tensor,
+    W2: torch.Tensor,
     C_left: torch.Tensor | None,
     C_right: torch.Tensor | None,
     policy: str,
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Carry Adam moments into new subspace coordinates.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Carry Adam moments and their accumulated weights into new coordinates.
 
     Args:
-        M, V: first and second moments in old coordinates (r_old×n, m×r_old or
-            r_old×r_old, matching the sides in use).
+        M, V: raw first and second moments in old coordinates (r_old×n, m×r_old
+            or r_old×r_old, matching the sides in use).
+        W1, W2: accumulated weights of M and V (Adam's ``1 − βᵗ``), one per
+            compact coordinate: shape (r, 1) on the left side, (1, r) on the
+            right, (r, r) on both; the bias-corrected moments are M/W1, V/W2.
         C_left: ``P_newᵀ P_old`` (r_new×r_old) or None; C_right: ``Q_newᵀ Q_old``.
         policy: ``"keep"`` (reuse as is, GaLore's choice; when the shape changes
-            it falls back to ``"reset"``), ``"reset"`` (zeros), or ``"rotate"``
-            (LDAdam's projection-aware transfer, arXiv 2410.16103 §3):
-            ``M ← C M``, ``V ← (C∘C)(V − M²) + (C M)²``, clamped at 0. A plain
-            ``V ← C V`` can go negative and is not offered.
+            it falls back to ``"reset"``), ``"reset"`` (zeros, fresh history), or
+            ``"rotate"``: LDAdam's projection-aware transfer (arXiv 2410.16103)
+            applied to the bias-corrected estimates M̂ = M/W1, V̂ = V/W2:
+            ``M̂ ← C M̂``, ``V̂ ← (C∘C)(V̂ − M̂²) + (C M̂)²`` clamped at 0 (a plain
+            ``C V`` can go negative and is not offered).
+
+    Under ``rotate`` each new coordinate keeps the share of history it inherits,
+    ``W ← (C∘C) W``: a basis vector inside the old subspace (row of C of unit
+    norm) keeps its full history, one orthogonal to it starts afresh with W = 0,
+    so its first update is Adam's first step, not a step inflated by
+    ``(1−β₁)/√(1−β₂) ≈ 3.2`` that raw moments with a global bias correction give.
 
     Returns:
-        ``(M_new, V_new, was_reset)``; ``was_reset`` tells the caller to restart
-        bias correction, since zeroed moments are biased like fresh ones.
+        ``(M_new, V_new, W1_new, W2_new)``.
     """
     if policy not in MOMENT_POLICIES:
         raise ValueError(f"moments={policy!r} is not known; choose one of {MOMENT_POLICIES}")
     new_shape = list(M.shape)
+    new_weight_shape = list(W1.shape)
     if C_left is not None:
-        new_shape[0] = C_left.shape[0]
+        new_shape[0] = new_weight_shape[0] = C_left.shape[0]
     if C_right is not None:
-        new_shape[1] = C_right.shape[0]
+        new_shape[1] = new_weight_shape[1] = C_right.shape[0]
     if policy == "keep" and list(M.shape) == new_shape:
-        return M, V, False
+        return M, V, W1, W2
     if policy in ("keep", "reset"):
-        return M.new_zeros(new_shape), V.new_zeros(new_shape), True
-    M_new = _transfer(M, C_left, C_right)
-    variance = V - M.square()
-    sq = lambda C: None if C is None else C.square()  # noqa: E731
-    V_new = _transfer(variance, sq(C_left), sq(C_right)) + M_new.square()
-    return M_new, V_new.clamp_(min=0.0), False
+        zeros = M.new_zeros(new_shape)
+        weights = W1.new_zeros(new_weight_shape)
+        return zeros, zeros.clone(), weights, weights.clone()
+    tiny = torch.finfo(M.dtype).tiny
+    M_hat = M / W1.clamp_min(tiny)
+    V_hat = V / W2.clamp_min(tiny)
+    M_hat_new = _transfer(M_hat, C_left, C_right)
+    V_hat_new = _transfer(V_hat - M_hat.square(), _square(C_left), _square(C_right))
+    V_hat_new = (V_hat_new + M_hat_new.square()).clamp_(min=0.0)
+    W1_new = _transfer(W1, _square(C_left), _square(C_right)).clamp_(0.0, 1.0)
+    W2_new = _transfer(W2, _square(C_left), _square(C_right)).clamp_(0.0, 1.0)
+    return M_hat_new * W1_new, V_hat_new * W2_new, W1_new, W2_new
