@@ -6,10 +6,9 @@ import math
 
 import pytest
 import torch
+from helpers import TinyNet, low_rank_plus_noise, train
 
 import adarank
-
-from helpers import TinyNet, low_rank_plus_noise, train
 
 BETAS = (0.9, 0.99)
 

@@ -17,7 +17,8 @@ def group(**kw):
 @pytest.mark.parametrize(
     "eta, expected",
     # σ² = 16, 9, 4, 1, 1 (total 31); cumulative 16, 25, 29, 30, 31.
-    [(0.5, 1), (0.516, 1), (0.52, 2), (0.8, 2), (0.81, 3), (0.9, 3), (0.94, 4), (0.97, 5), (1.0, 5)],
+    [(0.5, 1), (0.516, 1), (0.52, 2), (0.8, 2), (0.81, 3), (0.9, 3), (0.94, 4), (0.97, 5),
+     (1.0, 5)],
 )
 def test_energy_rank_on_known_spectrum(eta, expected):
     s = torch.tensor([4.0, 3.0, 2.0, 1.0, 1.0])
