@@ -27,6 +27,7 @@ __all__ = [
     "adam_step_",
     "apply_update_",
     "lowrank_adam_step_",
+    "residual_update",
     "update_moments_",
 ]
 
@@ -81,16 +82,43 @@ def adam_step_(
     apply_update_(p, N, lr, weight_decay, convention)
 
 
+def residual_update(
+    G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, P: torch.Tensor | None,
+    Q: torch.Tensor | None, previous_norm: torch.Tensor, limit: float,
+) -> torch.Tensor:
+    """The part of ``G`` outside the subspace, scaled like Adam scaled ``R`` (DESIGN §3.7).
+
+    ``G − back(R)`` is multiplied by ``φ = ‖N‖_F / ‖R‖_F``, the factor by which
+    Adam rescaled the compact gradient (Fira, arXiv 2410.01623, §4.1, with one
+    factor per matrix), and its norm may grow by at most ``limit`` per step
+    (Fira's norm-growth limiter, §4.2): when ``‖S_t‖ > limit·‖S_{t−1}‖`` it is
+    rescaled to ``limit·‖S_{t−1}‖``. ``previous_norm`` (0-d, 0 before the first
+    step) is updated in place. No host synchronisation.
+    """
+    tiny = torch.finfo(torch.float32).tiny
+    phi = torch.linalg.vector_norm(N) / torch.linalg.vector_norm(R).clamp_min(tiny)
+    S = (G - project_back(R, P, Q)) * phi
+    norm = torch.linalg.vector_norm(S)
+    ceiling = limit * previous_norm
+    shrink = torch.where((previous_norm > 0) & (norm > ceiling), ceiling / norm.clamp_min(tiny),
+                         torch.ones_like(norm))
+    previous_norm.copy_(norm * shrink)
+    return S.mul_(shrink)
+
+
 def lowrank_adam_step_(
     p: torch.Tensor, G: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None,
     M: torch.Tensor, V: torch.Tensor, bc1: torch.Tensor, bc2: torch.Tensor, *, lr: float,
     beta1: float, beta2: float, eps: float, weight_decay: float, scale: float, convention: str,
+    residual_norm: torch.Tensor | None = None, residual_limit: float = 1.01,
 ) -> torch.Tensor:
     """Adam in the compact space (DESIGN §3.6) and the back-projected update.
 
     ``G`` is the float32 gradient as an m×n matrix, ``P`` (m×r) / ``Q`` (n×r) the
     projectors, ``M``/``V`` the compact moments and ``bc1``/``bc2`` their
-    per-coordinate accumulated weights (all updated in place). Returns the
+    per-coordinate accumulated weights (all updated in place). With
+    ``residual_norm`` given, the gradient outside the subspace is applied too
+    (``residual_update``). The update is ``−lr·α·(back(N) [+ S])``. Returns the
     compact gradient ``R`` so callers can measure what the subspace captured.
     """
     R = project(G, P, Q)
@@ -98,5 +126,8 @@ def lowrank_adam_step_(
     bc1.mul_(beta1).add_(1.0 - beta1)
     bc2.mul_(beta2).add_(1.0 - beta2)
     N = adam_direction(M, V, bc1, bc2, eps, convention)
-    apply_update_(p, project_back(N, P, Q).mul_(scale), lr, weight_decay, convention)
+    full = project_back(N, P, Q)
+    if residual_norm is not None:
+        full += residual_update(G, R, N, P, Q, residual_norm, residual_limit)
+    apply_update_(p, full.mul_(scale), lr, weight_decay, convention)
     return R

@@ -58,6 +58,8 @@ LOWRANK_DEFAULTS: dict[str, Any] = {
     "converge_tol": 0.0,    # refresh early when ‖R‖_F ≤ this (AdaRankGrad; 0: off)
     "moments": "rotate",    # "keep" | "reset" | "rotate" on a subspace change
     "scale": 0.25,          # α: back-projection scale
+    "residual": False,      # also apply the gradient outside the subspace (Fira-style)
+    "residual_limit": 1.01,  # γ: max growth of the residual's norm per step
     "nonfinite": "skip",    # "skip" (count, leave state untouched) | "raise"
     "seed": 0,              # base seed of the sketches' random streams
 }
@@ -123,6 +125,10 @@ def validate_group(group: dict[str, Any]) -> None:
     _check(isinstance(ct, (int, float)) and ct >= 0, "converge_tol", ct, "a number >= 0")
     sc = group["scale"]
     _check(isinstance(sc, (int, float)) and sc > 0, "scale", sc, "a number > 0")
+    _check(isinstance(group["residual"], bool), "residual", group["residual"], "True or False")
+    gamma = group["residual_limit"]
+    _check(isinstance(gamma, (int, float)) and gamma >= 1.0, "residual_limit", gamma,
+           "a number >= 1")
 
 
 class AdaRankAdamW(Optimizer):
@@ -279,11 +285,21 @@ class AdaRankAdamW(Optimizer):
             state["exp_avg_sq"], state["bias1"], state["bias2"], lr=group["lr"], beta1=beta1,
             beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             scale=group["scale"], convention=self._convention,
+            residual_norm=self._residual_norm(state, group, G),
+            residual_limit=group["residual_limit"],
         )
         # Kept on the device: reading it costs a sync only when someone asks.
         state["captured"] = torch.linalg.vector_norm(R) / torch.linalg.vector_norm(G).clamp_min(
             torch.finfo(torch.float32).tiny
         )
+
+    @staticmethod
+    def _residual_norm(state: dict, group: dict, G: torch.Tensor) -> torch.Tensor | None:
+        if not group["residual"]:
+            return None
+        if "residual_norm" not in state:
+            state["residual_norm"] = G.new_zeros(())
+        return state["residual_norm"]
 
     def _subspace_is_stale(self, G: torch.Tensor, state: dict, group: dict) -> bool:
         R = project(G, state.get("proj_left"), state.get("proj_right"))

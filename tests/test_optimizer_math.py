@@ -168,3 +168,34 @@ def test_conv_weights_are_projected_as_matrices():
     assert opt.ranks() == {"0": 3}
     assert opt.state[conv.weight]["exp_avg"].shape == (3, 36)  # 8×36: left side
     assert not torch.equal(before, conv.weight)
+
+
+def test_residual_path_matches_float64_reference_and_limits_growth():
+    m, n, rank, lr, scale, gamma = 12, 20, 2, 1e-2, 0.5, 1.01
+    grads = [low_rank_plus_noise(m, n, 2, 0.3, seed=s) for s in range(4)]
+    grads[3] = grads[3] * 50.0  # a sudden jump in gradient norm
+    W0 = torch.randn(m, n)
+    W = torch.nn.Parameter(W0.clone())
+    opt = adarank.AdaRankAdamW([W], lr=lr, betas=BETAS, scale=scale, rank_rule="fixed",
+                               max_rank=rank, backend="exact", track_every=0, check_every=0,
+                               update_gap=100, residual=True, residual_limit=gamma)
+    linear_loss_grads(W, grads, opt, len(grads))
+
+    ref = W0.double().clone()
+    U, _, _ = torch.linalg.svd(grads[0].double(), full_matrices=False)
+    P = U[:, :rank]
+    M = V = 0
+    previous = 0.0
+    for t, G in enumerate(grads, start=1):
+        G = G.double()
+        R = P.T @ G
+        M = BETAS[0] * M + (1 - BETAS[0]) * R
+        V = BETAS[1] * V + (1 - BETAS[1]) * R * R
+        N = (M / (1 - BETAS[0]**t)) / ((V / (1 - BETAS[1]**t)).sqrt() + 1e-8)
+        S = (G - P @ R) * (N.norm() / R.norm())
+        if previous > 0 and S.norm() > gamma * previous:
+            S = S * (gamma * previous / S.norm())
+        previous = float(S.norm())
+        ref = ref - lr * scale * (P @ N + S)
+    torch.testing.assert_close(W.detach().double(), ref, rtol=1e-5, atol=1e-6)
+    assert float(opt.state[W]["residual_norm"]) == pytest.approx(previous, rel=1e-5)

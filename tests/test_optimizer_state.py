@@ -18,6 +18,7 @@ CONFIGS = {
     "adarank-fbpca-reset": (adarank.AdaRankAdamW,
                             dict(update_gap=3, backend="fbpca", moments="reset", max_rank=4)),
     "adarank-full": (adarank.AdaRankAdamW, dict(update_gap=3, proj_type="full", eta=0.8)),
+    "adarank-residual": (adarank.AdaRankAdamW, dict(update_gap=3, residual=True, max_rank=2)),
     "galore": (adarank.GaLoreAdamW, dict(rank=3, update_proj_gap=3)),
 }
 
@@ -101,6 +102,7 @@ def test_loading_into_another_shape_fails_clearly():
         (dict(power_iters=1.5), "power_iters"), (dict(refresh_below=2.0), "refresh_below"),
         (dict(scale=0.0), "scale"), (dict(track_every=-2), "track_every"),
         (dict(eta_threshold=0.9), "eta_threshold"), (dict(lowrank="yes"), "lowrank"),
+        (dict(residual=1), "residual"), (dict(residual_limit=0.5), "residual_limit"),
     ],
 )
 def test_bad_hyperparameters_raise_naming_the_argument(kwargs, name):
