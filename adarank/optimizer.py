@@ -62,6 +62,10 @@ LOWRANK_DEFAULTS: dict[str, Any] = {
     "residual_limit": 1.01,  # γ: max growth of the residual's norm per step
     "nonfinite": "skip",    # "skip" (count, leave state untouched) | "raise"
     "seed": 0,              # base seed of the sketches' random streams
+    "lazy_refresh": False,  # Q-GaLore: lengthen a layer's gap while its subspace is stable
+    "lazy_threshold": 0.4,  # ... when the mean |cos| of consecutive leading vectors ≥ this
+    "lazy_window": 5,       # ... over this many consecutive refreshes
+    "lazy_factor": 2,       # γ: the gap is multiplied by this
 }
 
 _ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
@@ -126,6 +130,13 @@ def validate_group(group: dict[str, Any]) -> None:
     sc = group["scale"]
     _check(isinstance(sc, (int, float)) and sc > 0, "scale", sc, "a number > 0")
     _check(isinstance(group["residual"], bool), "residual", group["residual"], "True or False")
+    _check(isinstance(group["lazy_refresh"], bool), "lazy_refresh", group["lazy_refresh"],
+           "True or False")
+    lt = group["lazy_threshold"]
+    _check(isinstance(lt, (int, float)) and -1.0 <= lt <= 1.0, "lazy_threshold", lt,
+           "a number in [-1, 1]")
+    for key in ("lazy_window", "lazy_factor"):
+        _check(_is_int(group[key]) and group[key] >= 1, key, group[key], "an integer >= 1")
     gamma = group["residual_limit"]
     _check(isinstance(gamma, (int, float)) and gamma >= 1.0, "residual_limit", gamma,
            "a number >= 1")
@@ -268,7 +279,7 @@ class AdaRankAdamW(Optimizer):
                                ("refreshes", 0), ("overlap", float("nan"))):
                 state[key] = value
             state.setdefault("nonfinite_skips", 0)
-        refresh = "exp_avg" not in state or state["since_refresh"] >= group["update_gap"]
+        refresh = "exp_avg" not in state or state["since_refresh"] >= self._gap(state, group)
         check = group["check_every"]
         if not refresh and check and state["since_refresh"] % check == 0:
             refresh = self._subspace_is_stale(G, state, group)
@@ -351,8 +362,39 @@ class AdaRankAdamW(Optimizer):
             state["bias2"] = G.new_zeros(weight_shape)
             self._set_projectors(state, P_new, Q_new)
         state["rank"] = rank
+        if group["lazy_refresh"]:
+            self._lazy_schedule(state, group, P_new if P_new is not None else Q_new)
         state["refreshes"] += 1
         state["since_refresh"] = 0
+
+    @staticmethod
+    def _gap(state: dict, group: dict) -> int:
+        if group["lazy_refresh"]:
+            return state.get("gap", group["update_gap"])
+        return group["update_gap"]
+
+    @staticmethod
+    def _lazy_schedule(state: dict, group: dict, basis: torch.Tensor) -> None:
+        """Q-GaLore's layer-adaptive gap (arXiv 2407.08296 §3.2): record |cos| between
+        the leading basis vectors of consecutive refreshes; once ``lazy_window`` are
+        recorded and their mean is at least ``lazy_threshold``, multiply this layer's
+        gap by ``lazy_factor`` and start a new window. |cos|, since an SVD fixes
+        each singular vector only up to sign."""
+        lead = basis[:, 0].clone()
+        window = group["lazy_window"]
+        if "lead_vector" in state:
+            sims = state.get("lazy_sims")
+            if sims is None or sims.numel() != window:
+                sims = lead.new_zeros(window)
+            count = state.get("lazy_count", 0)
+            sims[count % window] = torch.dot(lead, state["lead_vector"]).abs()
+            count += 1
+            if count >= window and float(sims.mean()) >= group["lazy_threshold"]:
+                state["gap"] = state.get("gap", group["update_gap"]) * group["lazy_factor"]
+                count = 0
+            state["lazy_sims"], state["lazy_count"] = sims, count
+        state.setdefault("gap", group["update_gap"])
+        state["lead_vector"] = lead
 
     def _track(self, G: torch.Tensor, state: dict, group: dict) -> None:
         P_new, Q_new = track_subspace(G, state.get("proj_left"), state.get("proj_right"))
@@ -388,18 +430,24 @@ class AdaRankAdamW(Optimizer):
                 return names[i] if names else f"#{i} of its group"
         return "?"
 
-    def _lowrank_params(self) -> Iterable[tuple[str, torch.Tensor]]:
+    def _named_params(self) -> Iterable[tuple[str, torch.Tensor, dict]]:
+        """``(name, parameter, group)`` for every parameter; names from the group's
+        ``param_names``, else the parameter's global index as a string."""
         index = 0
         for group in self.param_groups:
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
-                if group["lowrank"] and p.ndim >= 2:
-                    yield (names[i] if names else str(index + i)), p
+                yield (names[i] if names else str(index + i)), p, group
             index += len(group["params"])
+
+    def _lowrank_params(self) -> Iterable[tuple[str, torch.Tensor, dict]]:
+        for name, p, group in self._named_params():
+            if group["lowrank"] and p.ndim >= 2:
+                yield name, p, group
 
     def _per_param(self, key: str, default: Any) -> dict[str, Any]:
         out = {}
-        for name, p in self._lowrank_params():
+        for name, p, _ in self._lowrank_params():
             value = self.state[p].get(key, default) if p in self.state else default
             out[name] = value.item() if isinstance(value, torch.Tensor) else value
         return out
@@ -407,6 +455,11 @@ class AdaRankAdamW(Optimizer):
     def ranks(self) -> dict[str, int]:
         """Current rank of every low-rank parameter (0 before its first step)."""
         return self._per_param("rank", 0)
+
+    def refresh_gaps(self) -> dict[str, int]:
+        """Current refresh gap of every low-rank parameter (grows under lazy refresh)."""
+        return {name: self._gap(self.state[p] if p in self.state else {}, group)
+                for name, p, group in self._lowrank_params()}
 
     def refresh_counts(self) -> dict[str, int]:
         """Number of SVD refreshes each low-rank parameter has had."""
@@ -423,14 +476,10 @@ class AdaRankAdamW(Optimizer):
     def nonfinite_skips(self) -> dict[str, int]:
         """Steps skipped because of a NaN/Inf gradient, for every parameter that had one."""
         out = {}
-        index = 0
-        for group in self.param_groups:
-            names = group.get("param_names")
-            for i, p in enumerate(group["params"]):
-                skips = self.state[p].get("nonfinite_skips", 0) if p in self.state else 0
-                if skips:
-                    out[names[i] if names else str(index + i)] = skips
-            index += len(group["params"])
+        for name, p, _ in self._named_params():
+            skips = self.state[p].get("nonfinite_skips", 0) if p in self.state else 0
+            if skips:
+                out[name] = skips
         return out
 
     def state_bytes(self) -> dict[str, int]:

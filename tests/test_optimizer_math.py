@@ -199,3 +199,37 @@ def test_residual_path_matches_float64_reference_and_limits_growth():
         ref = ref - lr * scale * (P @ N + S)
     torch.testing.assert_close(W.detach().double(), ref, rtol=1e-5, atol=1e-6)
     assert float(opt.state[W]["residual_norm"]) == pytest.approx(previous, rel=1e-5)
+
+
+def test_lazy_refresh_doubles_the_gap_after_a_stable_window():
+    # A constant gradient: every refresh finds the same leading vector (|cos| = 1),
+    # so after 5 recorded similarities (6 refreshes) the gap doubles, and again later.
+    W = torch.nn.Parameter(torch.zeros(10, 16))
+    G = low_rank_plus_noise(10, 16, 2, 0.0, seed=0)
+    opt = adarank.AdaRankAdamW([W], update_gap=2, lazy_refresh=True, lazy_window=5,
+                               lazy_threshold=0.4, lazy_factor=2, track_every=0, check_every=0)
+    gaps, refresh_steps = [], []
+    for t in range(40):
+        before = opt.refresh_counts()["0"]
+        linear_loss_grads(W, [G], opt, 1)
+        if opt.refresh_counts()["0"] > before:
+            refresh_steps.append(t)
+        gaps.append(opt.refresh_gaps()["0"])
+    # Refreshes at 0,2,...,10 (6 refreshes, 5 similarities) -> gap 4: 14,18,22,26,30 -> gap 8.
+    assert refresh_steps[:6] == [0, 2, 4, 6, 8, 10]
+    assert refresh_steps[6:11] == [14, 18, 22, 26, 30]
+    assert refresh_steps[11:] == [38]
+    assert gaps[-1] == 8
+
+
+def test_lazy_refresh_keeps_the_gap_when_subspaces_keep_changing():
+    W = torch.nn.Parameter(torch.zeros(10, 16))
+    basis = torch.linalg.qr(torch.randn(10, 10)).Q
+    opt = adarank.AdaRankAdamW([W], update_gap=2, lazy_refresh=True, rank_rule="fixed",
+                               max_rank=1, track_every=0, check_every=0)
+    for t in range(30):
+        # The leading direction changes at every refresh: consecutive |cos| = 0.
+        G = basis[:, (t // 2) % 10 : (t // 2) % 10 + 1] @ torch.randn(1, 16)
+        linear_loss_grads(W, [G], opt, 1)
+    assert opt.refresh_gaps()["0"] == 2
+    assert opt.refresh_counts()["0"] == 15
