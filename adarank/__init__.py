@@ -5,14 +5,19 @@ Public API:
 - ``AdaRankAdamW``: AdamW on gradients projected onto a per-layer subspace whose
   rank follows an energy threshold, refreshed by randomized SVD and tracked online.
 - ``GaLoreAdamW``: the published GaLore (fixed rank, exact SVD, reference semantics).
+- ``QGaLoreAdamW``: Q-GaLore (INT4 projectors, lazy refresh, INT8 weights).
 - ``param_groups(model)``: a low-rank group of linear weights and a plain group.
+- ``quantize_linears(model)``: INT8 linear layers (``Int8Linear``) for Q-GaLore.
+- ``layerwise(model, factory)``: step each parameter in its gradient hook.
 - ``randomized_svd``, ``energy_rank``: the numerical building blocks.
 """
 
 from __future__ import annotations
 
 from .groups import param_groups
-from .optimizer import LOWRANK_DEFAULTS, AdaRankAdamW, GaLoreAdamW
+from .layerwise import LayerwiseOptimizer, layerwise
+from .optimizer import LOWRANK_DEFAULTS, AdaRankAdamW, GaLoreAdamW, QGaLoreAdamW
+from .quant import Int8Linear, quantize_linears
 from .rank import energy_rank
 from .rsvd import randomized_svd, truncated_svd
 
@@ -22,8 +27,13 @@ __all__ = [
     "LOWRANK_DEFAULTS",
     "AdaRankAdamW",
     "GaLoreAdamW",
+    "Int8Linear",
+    "LayerwiseOptimizer",
+    "QGaLoreAdamW",
     "energy_rank",
+    "layerwise",
     "param_groups",
+    "quantize_linears",
     "randomized_svd",
     "truncated_svd",
 ]

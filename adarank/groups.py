@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from .quant import is_int8_weight
+
 __all__ = ["param_groups"]
 
 
@@ -15,8 +17,9 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Param groups for ``AdaRankAdamW`` / ``GaLoreAdamW`` with parameter names.
 
-    The low-rank group holds the 2-D weights of ``nn.Linear`` layers whose
-    qualified names contain none of the ``exclude`` substrings; its options are
+    The low-rank group holds the 2-D weights of ``nn.Linear`` layers (and the
+    INT8 weights of ``Int8Linear`` layers) whose qualified names contain none of
+    the ``exclude`` substrings; its options are
     ``lowrank`` (e.g. ``eta=0.9, max_rank=128`` or GaLore's ``rank=128``). Every
     other trainable parameter (biases, norms, embeddings, the output head, and
     linear layers matched by ``exclude``) goes into a plain AdamW group. A shared
@@ -34,14 +37,17 @@ def param_groups(
     exclude = tuple(exclude)
     lowrank_ids = set()
     for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not any(x in module_name for x in exclude):
-            if module.weight.requires_grad:
-                lowrank_ids.add(id(module.weight))
+        weight = getattr(module, "weight", None)
+        is_linear = isinstance(module, nn.Linear) or (
+            weight is not None and is_int8_weight(weight))
+        if is_linear and not any(x in module_name for x in exclude):
+            if weight.requires_grad or is_int8_weight(weight):
+                lowrank_ids.add(id(weight))
     low: dict[str, list] = {"params": [], "param_names": []}
     plain: dict[str, list] = {"params": [], "param_names": []}
     # named_parameters() yields a shared tensor once, under its first name.
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and not is_int8_weight(p):
             continue
         target = low if id(p) in lowrank_ids else plain
         target["params"].append(p)

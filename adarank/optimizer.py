@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 
 from .functional import adam_step_, lowrank_adam_step_
 from .projector import PROJ_TYPES, project, projector_from_svd, side_for
+from .quant import dequantize, flatten_qtensor, is_int8_weight, quantize, unflatten_qtensor
 from .rank import RANK_RULES
 from .rsvd import BACKENDS, mix_seed, truncated_svd
 from .subspace import (
@@ -37,7 +38,7 @@ from .subspace import (
     transfer_moments,
 )
 
-__all__ = ["AdaRankAdamW", "GaLoreAdamW"]
+__all__ = ["AdaRankAdamW", "GaLoreAdamW", "QGaLoreAdamW"]
 
 # The low-rank options, their AdaRankAdamW defaults and their meaning.
 LOWRANK_DEFAULTS: dict[str, Any] = {
@@ -62,6 +63,9 @@ LOWRANK_DEFAULTS: dict[str, Any] = {
     "residual_limit": 1.01,  # γ: max growth of the residual's norm per step
     "nonfinite": "skip",    # "skip" (count, leave state untouched) | "raise"
     "seed": 0,              # base seed of the sketches' random streams
+    "proj_bits": 32,        # 32: float32 projectors; 8 or 4: group-wise quantised (Q-GaLore)
+    "proj_group_size": 256,  # elements per quantisation group of a projector
+    "stochastic_rounding": True,  # INT8 weights (Int8Linear): round updates stochastically
     "lazy_refresh": False,  # Q-GaLore: lengthen a layer's gap while its subspace is stable
     "lazy_threshold": 0.4,  # ... when the mean |cos| of consecutive leading vectors ≥ this
     "lazy_window": 5,       # ... over this many consecutive refreshes
@@ -75,6 +79,48 @@ _NONFINITE_POLICIES = ("skip", "raise")
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 _PROJ_KEYS = ("proj_left", "proj_right")
 _BIAS_KEYS = ("bias1", "bias2")
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor | None:
+    """The gradient the optimizer uses: ``p.grad``, or an INT8 weight's float32
+    ``weight_grad`` (integer tensors cannot hold a float ``.grad``)."""
+    if p.grad is not None:
+        return p.grad
+    return p.weight_grad if is_int8_weight(p) else None
+
+
+def _projectors(state: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(P, Q)`` in float32, dequantised when stored in low precision."""
+    out = []
+    for key in _PROJ_KEYS:
+        q = unflatten_qtensor(state, key)
+        out.append(dequantize(q) if q is not None else state.get(key))
+    return out[0], out[1]
+
+
+def _set_projectors(
+    state: dict, group: dict, P: torch.Tensor | None, Q: torch.Tensor | None
+) -> None:
+    """Store projectors as float32, or quantised to ``proj_bits`` under flat keys
+    (``proj_left_codes``, ``proj_left_scale``, ...; see ``quant.flatten_qtensor``)."""
+    for key, value in zip(_PROJ_KEYS, (P, Q), strict=True):
+        for stale in [k for k in state if k == key or k.startswith(key + "_")]:
+            del state[stale]
+        if value is None:
+            continue
+        if group["proj_bits"] < 32:
+            state.update(flatten_qtensor(
+                quantize(value, group["proj_bits"], group["proj_group_size"]), key))
+        else:
+            state[key] = value
+
+
+def _projector_shape(state: dict, key: str) -> tuple[int, ...] | None:
+    if key in state:
+        return tuple(state[key].shape)
+    if f"{key}_shape" in state:
+        return tuple(state[f"{key}_shape"])
+    return None
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
@@ -130,6 +176,11 @@ def validate_group(group: dict[str, Any]) -> None:
     sc = group["scale"]
     _check(isinstance(sc, (int, float)) and sc > 0, "scale", sc, "a number > 0")
     _check(isinstance(group["residual"], bool), "residual", group["residual"], "True or False")
+    _check(group["proj_bits"] in (4, 8, 32), "proj_bits", group["proj_bits"], "4, 8 or 32")
+    pg = group["proj_group_size"]
+    _check(_is_int(pg) and pg >= 1, "proj_group_size", pg, "an integer >= 1")
+    _check(isinstance(group["stochastic_rounding"], bool), "stochastic_rounding",
+           group["stochastic_rounding"], "True or False")
     _check(isinstance(group["lazy_refresh"], bool), "lazy_refresh", group["lazy_refresh"],
            "True or False")
     lt = group["lazy_threshold"]
@@ -227,19 +278,19 @@ class AdaRankAdamW(Optimizer):
         index = 0
         for group in self.param_groups:
             params = group["params"]
-            with_grad = [(index + i, p) for i, p in enumerate(params) if p.grad is not None]
+            with_grad = [(index + i, p) for i, p in enumerate(params) if _grad(p) is not None]
             index += len(params)
             if not with_grad:
                 continue
             for _, p in with_grad:
-                if p.grad.is_sparse:
+                if _grad(p).is_sparse:
                     raise RuntimeError(
                         f"{type(self).__name__} does not support sparse gradients "
                         f"(parameter {self._name_of(group, p)}); use dense gradients, "
                         "e.g. nn.Embedding(sparse=False)"
                     )
             # One host synchronisation per group for the finiteness test.
-            finite = torch.stack([torch.isfinite(p.grad).all() for _, p in with_grad]).tolist()
+            finite = torch.stack([torch.isfinite(_grad(p)).all() for _, p in with_grad]).tolist()
             for (i, p), ok in zip(with_grad, finite, strict=True):
                 state = self.state[p]
                 if not ok:
@@ -250,13 +301,37 @@ class AdaRankAdamW(Optimizer):
                         )
                     state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
                     continue
+                # An INT8 weight is updated through its float32 dequantisation.
+                target = p.int8_module.dequantized_weight() if is_int8_weight(p) else p
                 if group["lowrank"] and p.ndim >= 2:
-                    self._lowrank_param_step(p, state, group, i)
+                    self._lowrank_param_step(target, _grad(p), state, group, i)
                 else:
-                    self._plain_param_step(p, state, group)
+                    self._plain_param_step(target, _grad(p), state, group)
+                if target is not p:
+                    self._store_int8(p, target, state, group, i)
         return loss
 
-    def _plain_param_step(self, p: torch.Tensor, state: dict, group: dict) -> None:
+    @staticmethod
+    def _store_int8(p: torch.Tensor, W: torch.Tensor, state: dict, group: dict, index: int) -> None:
+        """Re-quantise an INT8 weight; the rounding noise is drawn from a stream
+        derived from (seed, parameter, step), so a resumed run rounds identically."""
+        gen = torch.Generator(device=W.device)
+        gen.manual_seed(mix_seed(group["seed"], index, int(state["step"]), 0x1A7))
+        p.int8_module.set_weight_(W, stochastic=group["stochastic_rounding"], generator=gen)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``Optimizer.zero_grad``, and also for INT8 weights' ``weight_grad``."""
+        super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if is_int8_weight(p) and p.weight_grad is not None:
+                    if set_to_none:
+                        p.weight_grad = None
+                    else:
+                        p.weight_grad.zero_()
+
+    def _plain_param_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict,
+                          group: dict) -> None:
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
@@ -265,14 +340,16 @@ class AdaRankAdamW(Optimizer):
         state["step"] += 1
         beta1, beta2 = group["betas"]
         adam_step_(
-            p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=int(state["step"]),
+            p, grad, state["exp_avg"], state["exp_avg_sq"], step=int(state["step"]),
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], convention=self._convention,
         )
 
-    def _lowrank_param_step(self, p: torch.Tensor, state: dict, group: dict, index: int) -> None:
+    def _lowrank_param_step(
+        self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, index: int
+    ) -> None:
         # Projection math in float32 whatever the parameter dtype (DESIGN §5).
-        G = p.grad.reshape(p.shape[0], -1).to(torch.float32)
+        G = grad.reshape(p.shape[0], -1).to(torch.float32)
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
             for key, value in (("rank", 0), ("since_refresh", 0),
@@ -291,8 +368,9 @@ class AdaRankAdamW(Optimizer):
         state["step"] += 1
         state["since_refresh"] += 1
         beta1, beta2 = group["betas"]
+        P, Q = _projectors(state)
         R = lowrank_adam_step_(
-            p, G, state.get("proj_left"), state.get("proj_right"), state["exp_avg"],
+            p, G, P, Q, state["exp_avg"],
             state["exp_avg_sq"], state["bias1"], state["bias2"], lr=group["lr"], beta1=beta1,
             beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             scale=group["scale"], convention=self._convention,
@@ -313,7 +391,7 @@ class AdaRankAdamW(Optimizer):
         return state["residual_norm"]
 
     def _subspace_is_stale(self, G: torch.Tensor, state: dict, group: dict) -> bool:
-        R = project(G, state.get("proj_left"), state.get("proj_right"))
+        R = project(G, *_projectors(state))
         r_norm = float(torch.linalg.vector_norm(R))
         g_norm = float(torch.linalg.vector_norm(G))
         if g_norm == 0.0:
@@ -343,7 +421,7 @@ class AdaRankAdamW(Optimizer):
             sketch = min(2 * sketch, cap)
         rank = max(1, min(rank, cap, S.numel()))
         P_new, Q_new = projector_from_svd(U, Vh, rank, side)
-        P_old, Q_old = state.get("proj_left"), state.get("proj_right")
+        P_old, Q_old = _projectors(state)
         if self._align_signs:
             P_new = None if P_new is None else align_signs(P_new, P_old)
             Q_new = None if Q_new is None else align_signs(Q_new, Q_old)
@@ -360,7 +438,7 @@ class AdaRankAdamW(Optimizer):
                             shape[1] if Q_new is not None else 1)
             state["bias1"] = G.new_zeros(weight_shape)
             state["bias2"] = G.new_zeros(weight_shape)
-            self._set_projectors(state, P_new, Q_new)
+            _set_projectors(state, group, P_new, Q_new)
         state["rank"] = rank
         if group["lazy_refresh"]:
             self._lazy_schedule(state, group, P_new if P_new is not None else Q_new)
@@ -397,28 +475,20 @@ class AdaRankAdamW(Optimizer):
         state["lead_vector"] = lead
 
     def _track(self, G: torch.Tensor, state: dict, group: dict) -> None:
-        P_new, Q_new = track_subspace(G, state.get("proj_left"), state.get("proj_right"))
+        P_new, Q_new = track_subspace(G, *_projectors(state))
         self._change_subspace(state, group, P_new, Q_new)
 
     def _change_subspace(
         self, state: dict, group: dict, P_new: torch.Tensor | None, Q_new: torch.Tensor | None
     ) -> None:
-        P_old, Q_old = state.get("proj_left"), state.get("proj_right")
+        P_old, Q_old = _projectors(state)
         C_left = None if P_new is None else P_new.T @ P_old
         C_right = None if Q_new is None else Q_new.T @ Q_old
         moments = [state[key] for key in _MOMENT_KEYS + _BIAS_KEYS]
         moments = transfer_moments(*moments, C_left, C_right, group["moments"])
         for key, value in zip(_MOMENT_KEYS + _BIAS_KEYS, moments, strict=True):
             state[key] = value
-        self._set_projectors(state, P_new, Q_new)
-
-    @staticmethod
-    def _set_projectors(state: dict, P: torch.Tensor | None, Q: torch.Tensor | None) -> None:
-        for key, value in zip(_PROJ_KEYS, (P, Q), strict=True):
-            if value is None:
-                state.pop(key, None)
-            else:
-                state[key] = value
+        _set_projectors(state, group, P_new, Q_new)
 
     # ------------------------------------------------------------ accounting
 
@@ -490,7 +560,7 @@ class AdaRankAdamW(Optimizer):
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
                     kind = ("moments" if key in _MOMENT_KEYS
-                            else "projectors" if key in _PROJ_KEYS else "other")
+                            else "projectors" if key.startswith(_PROJ_KEYS) else "other")
                     out[kind] += value.numel() * value.element_size()
         out["total"] = sum(out.values())
         return out
@@ -531,11 +601,12 @@ class AdaRankAdamW(Optimizer):
         shape = tuple(p.shape)
         if group.get("lowrank") and p.ndim >= 2:
             m, n = shape[0], math.prod(shape[1:])
-            rows = st["proj_left"].shape[1] if "proj_left" in st else m
-            cols = st["proj_right"].shape[1] if "proj_right" in st else n
+            left, right = _projector_shape(st, "proj_left"), _projector_shape(st, "proj_right")
+            rows = left[1] if left else m
+            cols = right[1] if right else n
             fits = (
-                ("proj_left" not in st or st["proj_left"].shape[0] == m)
-                and ("proj_right" not in st or st["proj_right"].shape[0] == n)
+                (left is None or left[0] == m)
+                and (right is None or right[0] == n)
                 and tuple(st["exp_avg"].shape) == (rows, cols)
             )
         else:
@@ -602,3 +673,44 @@ class GaLoreAdamW(AdaRankAdamW):
                 _check(_is_int(value) and value >= 1, theirs, value, "an integer >= 1")
                 group[ours] = value
         return group
+
+
+# The Q-GaLore reference's key names and ours.
+_QGALORE_KEYS = {
+    "cos_threshold": "lazy_threshold",
+    "gamma_proj": "lazy_factor",
+    "queue_size": "lazy_window",
+    "quant_n_bit": "proj_bits",
+    "quant_group_size": "proj_group_size",
+}
+
+
+class QGaLoreAdamW(GaLoreAdamW):
+    """Q-GaLore (arXiv 2407.08296): GaLore with INT4 projectors, lazy layer-adaptive
+    refresh, and INT8 weights updated with stochastic rounding.
+
+    Defaults follow the paper's code: projectors quantised to 4 bits, group-wise
+    asymmetric min/max over groups of 256 (``proj_bits``, ``proj_group_size``);
+    a layer's refresh gap is multiplied by ``lazy_factor`` γ=2 once the mean |cos|
+    between the leading singular vectors of its last ``lazy_window``=5
+    consecutive subspaces is at least ``lazy_threshold``=0.4. Accepts GaLore's
+    group keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``) and the
+    reference's ``cos_threshold``, ``gamma_proj``, ``queue_size``,
+    ``quant_n_bit``, ``quant_group_size``.
+
+    INT8 weights are a property of the model, not of the optimizer: convert the
+    linear layers with ``adarank.quantize_linears(model)`` before building the
+    optimizer; every ``Int8Linear`` weight in a group is then updated through its
+    dequantised value and re-quantised with stochastic rounding (unbiased).
+    """
+
+    @classmethod
+    def _lowrank_defaults(cls) -> dict[str, Any]:
+        return dict(super()._lowrank_defaults(), proj_bits=4, proj_group_size=256,
+                    lazy_refresh=True, lazy_threshold=0.4, lazy_window=5, lazy_factor=2)
+
+    def _translate_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        for theirs, ours in _QGALORE_KEYS.items():
+            if theirs in group:
+                group[ours] = group.pop(theirs)
+        return super()._translate_group(group)
