@@ -1,33 +1,43 @@
 """Row-sharded numerical primitives for adarank under ``torch.distributed`` (DESIGN §9).
 
+Under DDP nothing here is needed: every rank holds the same averaged gradient,
+and ``AdaRankAdamW`` draws its sketches from ``(seed, parameter index, refresh
+count)``, so every rank computes the same projectors, ranks and moments.
+
 Under FSDP2 (``torch.distributed.fsdp.fully_shard``) every parameter, and so its
 gradient ``G`` (m×n), is a DTensor sharded on dim 0: each rank holds a
 contiguous block of rows ``G_local`` (``m_local×n``; blocks may be unequal and
 even empty). The functions here compute what ``rsvd.py``, ``projector.py`` and
 ``subspace.py`` compute on the full matrix, from the local block alone, and
 combine ranks with ``all_reduce`` of small matrices (l×n, n×l, l×l or r×n):
-no rank ever holds the full gradient. Every function is a pure function of its
-local inputs plus the collectives, runs unchanged on one process (the
+no rank ever holds the full gradient. Each is a pure function of its local
+inputs plus the collectives, and runs unchanged on one process (the
 collectives are skipped when the group has a single member, or when
-``torch.distributed`` is not initialised), and returns the same bits on every
-rank for every *replicated* output, so decisions taken from them (ranks,
-refreshes, skips) cannot diverge across ranks.
+``torch.distributed`` is not initialised).
 
 Conventions:
 
-- ``group``: a process group; ``None`` is the default group.
+- Collective: every rank of ``group`` must call each function, in the same
+  order (``None`` is the default group; ``row_shard_info`` gives an FSDP2
+  parameter's group and row layout).
 - "sharded" outputs are this rank's rows of the full result; "replicated"
-  outputs are identical on every rank (an all-reduce delivers the same bits to
-  every member).
+  outputs are bitwise identical on every rank: they come out of an all-reduce
+  (which delivers the same bits to every member) or from deterministic local
+  work on such values. Decisions taken from them (ranks, refreshes, skips)
+  therefore cannot diverge across ranks.
 - Everything is computed in float32, like ``rsvd.randomized_svd``; Gram matrices
   and their Cholesky factors in float64 (see ``sharded_qr``).
 
 Communication is counted: every reduction goes through ``all_reduce_``, which
-adds its payload (the bytes of the tensor reduced, as a rank sends it to the
+adds its payload (the bytes of the tensor reduced, as a rank hands it to the
 collective) to each active ``record_comm()`` recorder. Payloads are counted
 even when the group has one member and the call is skipped, so the volume of an
 algorithm can be measured in a single process. ``randomized_svd_comm_bytes``
 gives the same number in closed form.
+
+Checkpoints: ``save_checkpoint`` / ``load_checkpoint`` wrap
+``torch.distributed.checkpoint`` for a model and an adarank optimizer whose
+state shapes follow the ranks chosen at run time.
 """
 
 from __future__ import annotations
@@ -48,10 +58,11 @@ from .subspace import align_signs
 __all__ = [
     "CommStats",
     "all_reduce_",
-    "load_checkpoint",
     "gram_comm_bytes",
+    "load_checkpoint",
     "randomized_svd_comm_bytes",
     "record_comm",
+    "row_shard_info",
     "save_checkpoint",
     "shard_layout",
     "sharded_align_signs",
@@ -61,8 +72,10 @@ __all__ = [
     "sharded_matmul_tn",
     "sharded_orth",
     "sharded_project",
+    "sharded_projection_norms",
     "sharded_qr",
     "sharded_randomized_svd",
+    "sharded_subspace_overlap",
     "sharded_track_subspace",
     "world_size",
 ]
@@ -156,6 +169,40 @@ def shard_layout(
     all_reduce_(counts, group, "layout")
     counts = counts.tolist()
     return sum(counts[:me]), sum(counts)
+
+
+def row_shard_info(
+    p: torch.Tensor,
+) -> tuple[dist.ProcessGroup | None, tuple[int, int]]:
+    """``(group, (row_offset, total_rows))`` of a parameter sharded on dim 0.
+
+    For an FSDP2 DTensor: the process group of the mesh dimension whose
+    placement is ``Shard(0)`` (other mesh dimensions must be ``Replicate``, as
+    in HSDP, where replicas hold equal shards), and this rank's block by
+    FSDP2's ``torch.chunk`` rule (blocks of ``ceil(m/W)`` rows, the last ones
+    shorter or empty), checked against the local shape. For a plain tensor:
+    ``(None, (0, m))``, a group of one. No communication.
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    rows = p.shape[0]
+    if not isinstance(p, DTensor):
+        return None, (0, rows)
+    dims = [i for i, pl in enumerate(p.placements) if isinstance(pl, Shard) and pl.dim == 0]
+    others_replicated = all(isinstance(pl, Replicate) for i, pl in enumerate(p.placements)
+                            if i not in dims)
+    if len(dims) != 1 or not others_replicated:
+        raise ValueError(f"row_shard_info: expected one Shard(0) placement and Replicate "
+                         f"elsewhere, got {p.placements}")
+    mesh = p.device_mesh
+    size, me = mesh.size(dims[0]), mesh.get_local_rank(dims[0])
+    block = -(-rows // size)
+    offset = min(me * block, rows)
+    local_rows = p.to_local().shape[0]
+    if local_rows != min(block, rows - offset):
+        raise ValueError(f"row_shard_info: local block of {local_rows} rows does not follow "
+                         f"torch.chunk's layout of {rows} rows over {size} ranks")
+    return mesh.get_group(dims[0]), (offset, rows)
 
 
 def sharded_matmul_tn(
@@ -385,7 +432,7 @@ def sharded_randomized_svd(
       (l×n) and its SVD, replicated; ``U_local = Q_local U_B``.
     - m < n (rows sharded on the short side; the range finder runs on Gᵀ, whose
       columns are sharded): Ω m×l, this rank uses its rows of Ω;
-      ``Y = all_reduce(G_localᵀ Ω_local)`` (n×l) orthonormalised locally; each
+      ``Y = all_reduce(G_localᵀ Ω_local)`` (n×l) orthonormalised locally (Householder); each
       power iteration ``Z = sharded_orth(G_local Q)``, ``Y = all_reduce(G_localᵀ Z)``;
       finally ``Bᵀ = G Q`` (m×l, row-sharded) = Q₂R₂ by ``sharded_qr`` and the
       SVD of the replicated R₂ gives ``U_local = Q₂ V_R`` and ``Vh = (Q U_R)ᵀ``.
@@ -474,21 +521,43 @@ def sharded_project(
     return R if Q is None else R @ Q
 
 
-def sharded_captured_fraction(
+def sharded_projection_norms(
     R: torch.Tensor, G_local: torch.Tensor, *, R_sharded: bool,
     group: dist.ProcessGroup | None = None,
-) -> torch.Tensor:
-    """``‖R‖_F / ‖G‖_F`` replicated (0-d float32), with one all-reduce of 2 floats.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(‖R‖_F, ‖G‖_F)`` replicated (0-d float32), one all-reduce of 2 floats.
 
     ``R_sharded``: True when R holds this rank's rows (right projection), False
-    when it is replicated (left or both). ``0`` when G is zero (no ``nan``).
+    when it is replicated (left or both; then only ‖G‖² is summed over ranks).
+    What the staleness test (``refresh_below``, ``converge_tol``) reads.
     """
     r_sq = R.to(torch.float32).square().sum()
     local = torch.stack([r_sq if R_sharded else torch.zeros_like(r_sq),
                          G_local.to(torch.float32).square().sum()])
-    all_reduce_(local, group, "captured")
-    r_total = local[0] if R_sharded else r_sq
-    return r_total.sqrt() / local[1].sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+    all_reduce_(local, group, "norms")
+    return (local[0] if R_sharded else r_sq).sqrt(), local[1].sqrt()
+
+
+def sharded_captured_fraction(
+    R: torch.Tensor, G_local: torch.Tensor, *, R_sharded: bool,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """``‖R‖_F / ‖G‖_F`` replicated (0-d float32); ``0`` when G is zero (no ``nan``).
+    See ``sharded_projection_norms``."""
+    r_norm, g_norm = sharded_projection_norms(R, G_local, R_sharded=R_sharded, group=group)
+    return r_norm / g_norm.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def sharded_subspace_overlap(
+    old_local: torch.Tensor | None, new_local: torch.Tensor | None,
+    group: dist.ProcessGroup | None = None,
+) -> float:
+    """``subspace.subspace_overlap`` for row-sharded bases: ``‖newᵀ old‖_F² / min(r)``
+    with ``newᵀ old`` all-reduced (r_new×r_old). ``nan`` when either is missing."""
+    if old_local is None or new_local is None:
+        return float("nan")
+    C = sharded_matmul_tn(new_local, old_local, group, "overlap")
+    return float(C.square().sum() / min(old_local.shape[1], new_local.shape[1]))
 
 
 def sharded_align_signs(
@@ -583,7 +652,7 @@ def _get_path(root: Any, path: Sequence[str | int]) -> Any:
 def load_checkpoint(
     checkpoint_id: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> None:
-    """Load a ``save_checkpoint`` checkpoint into ``model`` and ``optimizer`` in place.
+    """Load a ``save_checkpoint`` checkpoint (a directory) into ``model`` and ``optimizer``.
 
     Every rank calls it. DCP loads into tensors of the right shapes, but the
     shapes of adarank's state follow the rank each layer chose (a projector is
