@@ -42,6 +42,7 @@ from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "Int8Linear",
+    "clip_grad_norm_",
     "QTensor",
     "dequantize",
     "flatten_qtensor",
@@ -603,3 +604,26 @@ def quantize_linears(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Int8Linear.from_linear(module, group_size))
     return [name for name, _ in targets]
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (L2) that also sees INT8 weights' ``weight_grad``.
+
+    The total norm is over every ``p.grad`` and every ``Int8Linear`` weight's
+    float32 ``weight_grad``; all are scaled by ``min(1, max_norm / (norm + 1e-6))``,
+    torch's formula. Returns the total norm before clipping.
+    """
+    grads = []
+    for p in parameters:
+        if p.grad is not None:
+            grads.append(p.grad)
+        elif is_int8_weight(p) and p.weight_grad is not None:
+            grads.append(p.weight_grad)
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return total
