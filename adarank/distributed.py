@@ -35,6 +35,13 @@ even when the group has one member and the call is skipped, so the volume of an
 algorithm can be measured in a single process. ``randomized_svd_comm_bytes``
 gives the same number in closed form.
 
+``ShardContext`` packages these per parameter for ``AdaRankAdamW``: built once
+per step from the parameter (``ShardContext.of``), it holds the shard group and
+row layout, and its methods (``fro_sq``, ``project``, ``truncated_svd``,
+``matmul_tn``, ``track``, ...) are the single-process computations, bit for bit,
+when the parameter is a plain tensor (``UNSHARDED``). ``finite_flags`` decides
+the skip of a non-finite gradient identically on every rank.
+
 Checkpoints: ``save_checkpoint`` / ``load_checkpoint`` wrap
 ``torch.distributed.checkpoint`` for a model and an adarank optimizer whose
 state shapes follow the ranks chosen at run time.
@@ -52,14 +59,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .rsvd import _gaussian, mix_seed
-from .subspace import align_signs
+from .projector import project
+from .rsvd import _gaussian, mix_seed, truncated_svd
+from .subspace import align_signs, subspace_overlap, track_subspace
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without distributed support
+    DTensor = None  # type: ignore[assignment, misc]
 
 __all__ = [
+    "UNSHARDED",
     "CommStats",
+    "ShardContext",
     "all_reduce_",
+    "check_sharded_backend",
+    "finite_flags",
     "gram_comm_bytes",
+    "is_dtensor",
     "load_checkpoint",
+    "local_tensor",
     "randomized_svd_comm_bytes",
     "record_comm",
     "row_shard_info",
@@ -599,6 +618,221 @@ def sharded_track_subspace(
     return P_new, Q_new
 
 
+# ------------------------------------------------------- per-parameter context
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (False without distributed)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's block of a DTensor, ``t`` itself otherwise.
+
+    Under ``torch.no_grad`` (as in ``Optimizer.step``) the block is the
+    DTensor's own local tensor, so in-place updates of it update the DTensor.
+    """
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
+    stride, step = [], 1
+    for size in reversed(shape):
+        stride.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+@dataclass(frozen=True)
+class ShardContext:
+    """How one parameter's rows are split across ranks, and the reductions that follow.
+
+    ``AdaRankAdamW`` builds one per parameter per step (``ShardContext.of(p)``)
+    and routes every operation that touches a whole matrix through it. Operands
+    named "rows" are split by rows like the parameter: the gradient G (m×n), a
+    left projector P (m×r), right-side moments (m×r), G's residual S; the others
+    (Q, a left projection R = PᵀG, left moments) are replicated.
+
+    - ``UNSHARDED`` (a plain tensor: one process, or DDP, where every rank holds
+      the whole averaged gradient): each method is exactly the single-process
+      computation (the functions of ``projector.py``, ``subspace.py``,
+      ``rsvd.py``), no communication.
+    - A DTensor sharded on dim 0 (FSDP2's ``fully_shard``): each method works on
+      this rank's rows and all-reduces small matrices over ``group`` (the
+      ``sharded_*`` functions of this module); results are replicated where the
+      unsharded result is a small matrix or a number, so decisions taken from
+      them agree on every rank.
+
+    Attributes:
+        group: process group of the shard dimension (``None`` when unsharded).
+        layout: ``(row_offset, total_rows)`` of this rank's block, ``None`` when
+            unsharded.
+        mesh, placements: the parameter's device mesh and placements, for
+            storing row-sharded state as DTensors (``wrap_rows``).
+    """
+
+    group: dist.ProcessGroup | None = None
+    layout: tuple[int, int] | None = None
+    mesh: Any = None
+    placements: tuple[Any, ...] = ()
+
+    @classmethod
+    def of(cls, p: torch.Tensor) -> ShardContext:
+        """The context of parameter ``p`` (``UNSHARDED`` for a plain tensor); no communication."""
+        if not is_dtensor(p):
+            return UNSHARDED
+        group, layout = row_shard_info(p)
+        return cls(group, layout, p.device_mesh, tuple(p.placements))
+
+    @property
+    def sharded(self) -> bool:
+        return self.layout is not None
+
+    def rows(self, G: torch.Tensor) -> int:
+        """Rows m of the whole matrix whose block (or whole) is ``G``."""
+        return self.layout[1] if self.layout is not None else G.shape[0]
+
+    def wrap_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Row-sharded state as a DTensor of the parameter's mesh and placements
+        (global rows m), so ``torch.distributed.checkpoint`` writes each rank's
+        rows; ``t`` itself when unsharded."""
+        if self.layout is None:
+            return t
+        shape = (self.layout[1], *t.shape[1:])
+        return DTensor.from_local(t, self.mesh, self.placements, run_check=False,
+                                  shape=torch.Size(shape), stride=_contiguous_stride(shape))
+
+    # -------------------------------------------------------- reductions
+
+    def fro_sq(self, G: torch.Tensor) -> float:
+        """``‖G‖_F²`` (replicated)."""
+        if self.layout is None:
+            return float(G.square().sum())
+        return float(sharded_fro_sq(G, self.group))
+
+    def norm(self, x: torch.Tensor, rows: bool = False) -> torch.Tensor:
+        """``‖x‖_F`` as a 0-d tensor; ``rows``: x is split by rows (summed over ranks)."""
+        if self.layout is None or not rows:
+            return torch.linalg.vector_norm(x)
+        total = x.to(torch.float32).square().sum().reshape(1)
+        return all_reduce_(total, self.group, "norm")[0].sqrt()
+
+    def projection_norms(
+        self, R: torch.Tensor, G: torch.Tensor, *, R_rows: bool
+    ) -> tuple[float, float]:
+        """``(‖R‖_F, ‖G‖_F)`` as floats. ``R_rows``: R has G's rows (the right
+        projection GQ); a left one (PᵀG, PᵀGQ) is replicated."""
+        if self.layout is None:
+            return float(torch.linalg.vector_norm(R)), float(torch.linalg.vector_norm(G))
+        r_norm, g_norm = sharded_projection_norms(R, G, R_sharded=R_rows, group=self.group)
+        return float(r_norm), float(g_norm)
+
+    def captured_fraction(self, R: torch.Tensor, G: torch.Tensor, *, R_rows: bool
+                          ) -> torch.Tensor:
+        """``‖R‖_F / ‖G‖_F`` as a 0-d tensor, kept on the device (``R_rows`` as above)."""
+        if self.layout is None:
+            return torch.linalg.vector_norm(R) / torch.linalg.vector_norm(G).clamp_min(
+                torch.finfo(torch.float32).tiny)
+        return sharded_captured_fraction(R, G, R_sharded=R_rows, group=self.group)
+
+    def dot_rows(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``aᵀb`` of two row-sharded vectors (0-d, replicated)."""
+        if self.layout is None:
+            return torch.dot(a, b)
+        return all_reduce_(torch.dot(a, b).reshape(1).contiguous(), self.group, "dot")[0]
+
+    def matmul_tn(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """``AᵀB`` for row-sharded A and B, e.g. ``C = P_newᵀ P_old`` (replicated)."""
+        if self.layout is None:
+            return A.T @ B
+        return sharded_matmul_tn(A, B, self.group)
+
+    # -------------------------------------------------- subspace operations
+
+    def project(
+        self, G: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Compact gradient R: ``PᵀG`` (replicated), ``GQ`` (G's rows) or ``PᵀGQ``."""
+        if self.layout is None:
+            return project(G, P, Q)
+        return sharded_project(G, P, Q, self.group)
+
+    def truncated_svd(
+        self, G: torch.Tensor, k: int, backend: str, *, seed: int, oversample: int,
+        power_iters: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``rsvd.truncated_svd``; sharded: ``U``'s rows of this rank, replicated S, Vh.
+
+        Only the randomized ``"torch"`` backend runs on row blocks: ``"exact"``
+        and ``"fbpca"`` need the full matrix, which no rank holds (``ValueError``).
+        """
+        if self.layout is None:
+            return truncated_svd(G, k, backend, seed=seed, oversample=oversample,
+                                 power_iters=power_iters)
+        check_sharded_backend(backend)
+        return sharded_randomized_svd(G, k, oversample=oversample, power_iters=power_iters,
+                                      seed=seed, group=self.group, layout=self.layout)
+
+    def align_rows(self, new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
+        """``subspace.align_signs`` for a row-sharded basis (P)."""
+        if self.layout is None:
+            return align_signs(new, old)
+        return sharded_align_signs(new, old, self.group)
+
+    def overlap_rows(self, old: torch.Tensor | None, new: torch.Tensor | None) -> float:
+        """``subspace.subspace_overlap`` for row-sharded bases (P)."""
+        if self.layout is None:
+            return subspace_overlap(old, new)
+        return sharded_subspace_overlap(old, new, self.group)
+
+    def track(
+        self, G: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``subspace.track_subspace``: one block power step."""
+        if self.layout is None:
+            return track_subspace(G, P, Q)
+        return sharded_track_subspace(G, P, Q, self.group)
+
+
+UNSHARDED = ShardContext()
+
+
+def check_sharded_backend(backend: str) -> None:
+    """Refuse an SVD backend that needs the full gradient matrix (FSDP2)."""
+    if backend != "torch":
+        raise ValueError(
+            f"backend={backend!r} needs the full gradient matrix, which no rank holds under "
+            "FSDP2 (parameters are DTensors sharded on dim 0); use backend='torch', the "
+            "randomized SVD that runs on row shards"
+        )
+
+
+def finite_flags(
+    tensors_local: Sequence[torch.Tensor], contexts: Sequence[ShardContext]
+) -> list[bool]:
+    """For each gradient, whether it is finite (on every rank holding part of it).
+
+    Unsharded tensors are tested locally (one host synchronisation); sharded
+    ones with ``sharded_all_finite``, one all-reduce per process group (in
+    order of first appearance, the same on every rank), so a NaN in one rank's
+    shard makes every rank skip that parameter.
+    """
+    flags: list[bool] = [True] * len(tensors_local)
+    plain = [i for i, c in enumerate(contexts) if not c.sharded]
+    if plain:
+        found = torch.stack([torch.isfinite(tensors_local[i]).all() for i in plain]).tolist()
+        for i, ok in zip(plain, found, strict=True):
+            flags[i] = ok
+    groups: list[Any] = []
+    for c in contexts:
+        if c.sharded and not any(c.group is g for g in groups):
+            groups.append(c.group)
+    for g in groups:
+        members = [i for i, c in enumerate(contexts) if c.sharded and c.group is g]
+        found = sharded_all_finite([tensors_local[i] for i in members], g)
+        for i, ok in zip(members, found, strict=True):
+            flags[i] = ok
+    return flags
 
 
 # --------------------------------------------------------------- checkpoints
@@ -613,11 +847,31 @@ def save_checkpoint(
     (``get_state_dict``: parameter-name keys, DDP's ``module.`` prefix dropped,
     FSDP2 DTensors kept sharded) and are stored as ``{"model": ..., "optim":
     ...}``. Plain (non-DTensor) tensors are treated by DCP as replicated and
-    written once: right for DDP, where every rank holds the same state.
+    written once: right for DDP, where every rank holds the same state, and for
+    the replicated state of FSDP2 (right projectors, left-side moments,
+    counters); ``AdaRankAdamW`` keeps its row-sharded state (left projectors,
+    right-side moments, plain AdamW moments) as ``Shard(0)`` DTensors, so each
+    rank writes its rows. Quantised left projectors under FSDP2 are refused
+    (``ValueError``): they are per-rank data, not shards of one tensor.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    # Decided from the group's setting, the same on every rank (an empty shard
+    # holds an empty float32 P), so no rank is left waiting in DCP's collectives.
+    for group in optimizer.param_groups:
+        quantised = group.get("proj_bits", 32) < 32
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            if not (quantised and is_dtensor(p)
+                    and ("proj_left" in st or "proj_left_codes" in st)):
+                continue
+            raise ValueError(
+                "save_checkpoint: a row-sharded (FSDP2) left projector stored quantised "
+                "(proj_bits < 32) is per-rank data (its quantisation groups restart at the "
+                "shard boundary), which DCP cannot write as shards; use proj_bits=32 under "
+                "FSDP2 to checkpoint"
+            )
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint_id)
 

@@ -16,6 +16,7 @@ the parameter's dtype only when it is applied.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -82,9 +83,21 @@ def adam_step_(
     apply_update_(p, N, lr, weight_decay, convention)
 
 
+def _norm(x: torch.Tensor, rows: bool) -> torch.Tensor:
+    del rows  # one process holds all of x
+    return torch.linalg.vector_norm(x)
+
+
+# ``norm(x, rows)``: ‖x‖_F of a whole matrix of which this process holds ``x``;
+# ``rows`` says whether x is split by rows across processes (as G is under
+# FSDP2), so its squared norm must be summed over them.
+NormFn = Callable[[torch.Tensor, bool], torch.Tensor]
+
+
 def residual_update(
     G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, P: torch.Tensor | None,
     Q: torch.Tensor | None, previous_norm: torch.Tensor, limit: float,
+    norm: NormFn | None = None,
 ) -> torch.Tensor:
     """The part of ``G`` outside the subspace, scaled like Adam scaled ``R`` (DESIGN §3.7).
 
@@ -94,15 +107,22 @@ def residual_update(
     (Fira's norm-growth limiter, §4.2): when ``‖S_t‖ > limit·‖S_{t−1}‖`` it is
     rescaled to ``limit·‖S_{t−1}‖``. ``previous_norm`` (0-d, 0 before the first
     step) is updated in place. No host synchronisation.
+
+    ``norm`` (default: ``torch.linalg.vector_norm``, one process) computes the
+    three norms; under row sharding it must sum over the ranks those of S and,
+    on the right side (R = GQ has G's rows), of N and R, so that φ and the
+    limiter agree on every rank (``distributed.ShardContext.norm``).
     """
+    norm = norm or _norm
     tiny = torch.finfo(torch.float32).tiny
-    phi = torch.linalg.vector_norm(N) / torch.linalg.vector_norm(R).clamp_min(tiny)
+    compact_rows = P is None
+    phi = norm(N, compact_rows) / norm(R, compact_rows).clamp_min(tiny)
     S = (G - project_back(R, P, Q)) * phi
-    norm = torch.linalg.vector_norm(S)
+    s_norm = norm(S, True)
     ceiling = limit * previous_norm
-    shrink = torch.where((previous_norm > 0) & (norm > ceiling), ceiling / norm.clamp_min(tiny),
-                         torch.ones_like(norm))
-    previous_norm.copy_(norm * shrink)
+    shrink = torch.where((previous_norm > 0) & (s_norm > ceiling),
+                         ceiling / s_norm.clamp_min(tiny), torch.ones_like(s_norm))
+    previous_norm.copy_(s_norm * shrink)
     return S.mul_(shrink)
 
 
@@ -111,6 +131,7 @@ def lowrank_adam_step_(
     M: torch.Tensor, V: torch.Tensor, bc1: torch.Tensor, bc2: torch.Tensor, *, lr: float,
     beta1: float, beta2: float, eps: float, weight_decay: float, scale: float, convention: str,
     residual_norm: torch.Tensor | None = None, residual_limit: float = 1.01,
+    R: torch.Tensor | None = None, norm: NormFn | None = None,
 ) -> torch.Tensor:
     """Adam in the compact space (DESIGN §3.6) and the back-projected update.
 
@@ -120,14 +141,19 @@ def lowrank_adam_step_(
     ``residual_norm`` given, the gradient outside the subspace is applied too
     (``residual_update``). The update is ``−lr·α·(back(N) [+ S])``. Returns the
     compact gradient ``R`` so callers can measure what the subspace captured.
+
+    ``R`` may be given precomputed: under row sharding ``PᵀG`` from the local
+    rows is a partial sum that must be all-reduced first
+    (``distributed.sharded_project``); ``norm`` goes to ``residual_update``.
     """
-    R = project(G, P, Q)
+    if R is None:
+        R = project(G, P, Q)
     update_moments_(R, M, V, beta1, beta2)
     bc1.mul_(beta1).add_(1.0 - beta1)
     bc2.mul_(beta2).add_(1.0 - beta2)
     N = adam_direction(M, V, bc1, bc2, eps, convention)
     full = project_back(N, P, Q)
     if residual_norm is not None:
-        full += residual_update(G, R, N, P, Q, residual_norm, residual_limit)
+        full += residual_update(G, R, N, P, Q, residual_norm, residual_limit, norm)
     apply_update_(p, full.mul_(scale), lr, weight_decay, convention)
     return R

@@ -22,6 +22,12 @@ What this mode cannot do, by construction:
 - A parameter updated in place while autograd still needs its old value (one
   tensor feeding two places whose backward runs after its own hook) makes
   autograd raise its in-place modification error.
+- **Data parallelism** (DDP, FSDP2, any ``torch.distributed`` job of more than
+  one process): the hook fires when autograd has accumulated the *local*
+  gradient, before DDP's all-reduce (or FSDP2's reduce-scatter) has averaged it
+  across ranks, so each rank would step on its own gradient and the replicas
+  would drift apart. ``layerwise`` refuses a DDP-wrapped model and any process
+  group of world size > 1 (``ValueError``); use the normal optimizer there.
 
 Usage::
 
@@ -38,6 +44,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
@@ -64,6 +71,7 @@ class LayerwiseOptimizer:
         optimizer_factory: OptimizerFactory,
         groups: Iterable[dict[str, Any]] | None = None,
     ) -> None:
+        _refuse_data_parallel(model)
         names_by_id = {id(p): n for n, p in model.named_parameters()}
         int8_ids = {id(p) for p in model.parameters() if is_int8_weight(p)}
         if groups is None:
@@ -239,6 +247,21 @@ class LayerwiseOptimizer:
         self.steps = int(state_dict.get("steps", 0))
 
 
+def _refuse_data_parallel(model: nn.Module) -> None:
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    if world > 1 or ddp:
+        where = "a DistributedDataParallel model" if ddp else (
+            f"a torch.distributed job of {world} processes")
+        raise ValueError(
+            f"layerwise: refused for {where}. Layer-wise mode steps each parameter in its "
+            "post-accumulate-grad hook, which fires before DDP all-reduces (or FSDP2 "
+            "reduce-scatters) the gradient, so every rank would step on its own local "
+            "gradient and the replicas would diverge. Under DDP or FSDP2 use the normal "
+            "optimizer (e.g. adarank.AdaRankAdamW) and call step() after backward."
+        )
+
+
 def layerwise(
     model: nn.Module,
     optimizer_factory: OptimizerFactory,
@@ -264,7 +287,9 @@ def layerwise(
     Gradient memory: without this mode all gradients are alive between
     backward and ``step()``; with it, a gradient lives from its accumulation to
     the end of its hook. Accumulation and global-norm clipping are refused (see
-    the module docstring). Per-parameter optimizers number their parameter 0,
+    the module docstring), and so is data parallelism: a DDP-wrapped model or a
+    ``torch.distributed`` world of more than one process raises ``ValueError``.
+    Per-parameter optimizers number their parameter 0,
     so a seeded randomized sketch (``AdaRankAdamW``'s ``torch``/``fbpca``
     backends, seeded by parameter index) draws differently than in one
     optimizer over all parameters; the ``exact`` backend is unaffected.

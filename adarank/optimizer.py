@@ -14,6 +14,18 @@ Adam's ``1 − βᵗ`` until a subspace change), ``captured`` (0-d tensor:
 ‖R‖_F/‖G‖_F at the last step), and integer counters ``rank``,
 ``since_refresh``, ``refreshes``, ``nonfinite_skips``
 plus the float ``overlap`` (subspace overlap at the last refresh).
+
+Under FSDP2 (``fully_shard``: parameters and gradients are DTensors sharded on
+dim 0) every step works on this rank's rows through a per-parameter
+``distributed.ShardContext``: the sketch, power iterations, projections and
+statistics combine ranks with all-reduces of small matrices, and no rank holds
+a full gradient or a full moment. State that has the parameter's rows (a left
+projector ``proj_left``, right-side moments, ``lead_vector`` of a left basis,
+plain AdamW moments) is stored as DTensors of the parameter's mesh and
+placements, so ``torch.distributed.checkpoint`` writes each rank's rows; the
+rest (``proj_right``, left-side moments r×n, counters) is replicated and
+identical on every rank. One process and DDP take the unsharded path, where
+the context is the identity (``distributed.UNSHARDED``).
 """
 
 from __future__ import annotations
@@ -25,18 +37,20 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from .distributed import (
+    UNSHARDED,
+    ShardContext,
+    check_sharded_backend,
+    finite_flags,
+    is_dtensor,
+    local_tensor,
+)
 from .functional import adam_step_, lowrank_adam_step_
-from .projector import PROJ_TYPES, project, projector_from_svd, side_for
+from .projector import PROJ_TYPES, projector_from_svd, side_for
 from .quant import dequantize, flatten_qtensor, is_int8_weight, quantize, unflatten_qtensor
 from .rank import RANK_RULES
-from .rsvd import BACKENDS, mix_seed, truncated_svd
-from .subspace import (
-    MOMENT_POLICIES,
-    align_signs,
-    subspace_overlap,
-    track_subspace,
-    transfer_moments,
-)
+from .rsvd import BACKENDS, mix_seed
+from .subspace import MOMENT_POLICIES, align_signs, subspace_overlap, transfer_moments
 
 __all__ = ["AdaRankAdamW", "GaLoreAdamW", "QGaLoreAdamW"]
 
@@ -90,29 +104,38 @@ def _grad(p: torch.Tensor) -> torch.Tensor | None:
 
 
 def _projectors(state: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(P, Q)`` in float32, dequantised when stored in low precision."""
+    """``(P, Q)`` in float32, dequantised when stored in low precision (this
+    rank's rows of a row-sharded P)."""
     out = []
     for key in _PROJ_KEYS:
         q = unflatten_qtensor(state, key)
-        out.append(dequantize(q) if q is not None else state.get(key))
+        value = state.get(key)
+        out.append(dequantize(q) if q is not None else
+                   None if value is None else local_tensor(value))
     return out[0], out[1]
 
 
 def _set_projectors(
-    state: dict, group: dict, P: torch.Tensor | None, Q: torch.Tensor | None
+    state: dict, group: dict, P: torch.Tensor | None, Q: torch.Tensor | None,
+    ctx: ShardContext = UNSHARDED,
 ) -> None:
     """Store projectors as float32, or quantised to ``proj_bits`` under flat keys
-    (``proj_left_codes``, ``proj_left_scale``, ...; see ``quant.flatten_qtensor``)."""
+    (``proj_left_codes``, ``proj_left_scale``, ...; see ``quant.flatten_qtensor``).
+
+    A row-sharded float32 P is stored as a DTensor (``ctx.wrap_rows``). A
+    quantised one stays a plain per-rank tensor: its groups of
+    ``proj_group_size`` restart at the shard boundary, so it is not a block of
+    the one-process quantisation (and not checkpointable with DCP)."""
     for key, value in zip(_PROJ_KEYS, (P, Q), strict=True):
         for stale in [k for k in state if k == key or k.startswith(key + "_")]:
             del state[stale]
         if value is None:
             continue
-        if group["proj_bits"] < 32:
+        if group["proj_bits"] < 32 and value.numel() > 0:
             state.update(flatten_qtensor(
                 quantize(value, group["proj_bits"], group["proj_group_size"]), key))
-        else:
-            state[key] = value
+        else:  # float32, or an empty shard (nothing to quantise)
+            state[key] = ctx.wrap_rows(value) if key == "proj_left" else value
 
 
 def _projector_shape(state: dict, key: str) -> tuple[int, ...] | None:
@@ -289,9 +312,12 @@ class AdaRankAdamW(Optimizer):
                         f"(parameter {self._name_of(group, p)}); use dense gradients, "
                         "e.g. nn.Embedding(sparse=False)"
                     )
-            # One host synchronisation per group for the finiteness test.
-            finite = torch.stack([torch.isfinite(_grad(p)).all() for _, p in with_grad]).tolist()
-            for (i, p), ok in zip(with_grad, finite, strict=True):
+            contexts = [self._shard_context(p, group) for _, p in with_grad]
+            # One host synchronisation per group for the finiteness test; under
+            # FSDP2 the flags are all-reduced, as a NaN may sit in one rank's
+            # shard and every rank must skip (and issue the same collectives).
+            finite = finite_flags([local_tensor(_grad(p)) for _, p in with_grad], contexts)
+            for (i, p), ok, ctx in zip(with_grad, finite, contexts, strict=True):
                 state = self.state[p]
                 if not ok:
                     if group["nonfinite"] == "raise":
@@ -304,12 +330,23 @@ class AdaRankAdamW(Optimizer):
                 # An INT8 weight is updated through its float32 dequantisation.
                 target = p.int8_module.dequantized_weight() if is_int8_weight(p) else p
                 if group["lowrank"] and p.ndim >= 2:
-                    self._lowrank_param_step(target, _grad(p), state, group, i)
+                    self._lowrank_param_step(target, _grad(p), state, group, i, ctx)
                 else:
                     self._plain_param_step(target, _grad(p), state, group)
                 if target is not p:
                     self._store_int8(p, target, state, group, i)
         return loss
+
+    def _shard_context(self, p: torch.Tensor, group: dict) -> ShardContext:
+        """``ShardContext.of(p)``, refusing what cannot run on row shards."""
+        if not is_dtensor(p):
+            return UNSHARDED
+        if is_int8_weight(p):
+            raise ValueError(f"INT8 weights (Int8Linear) are not supported under FSDP2 "
+                             f"(parameter {self._name_of(group, p)})")
+        if group["lowrank"] and p.ndim >= 2:
+            check_sharded_backend(group["backend"])
+        return ShardContext.of(p)
 
     @staticmethod
     def _store_int8(p: torch.Tensor, W: torch.Tensor, state: dict, group: dict, index: int) -> None:
@@ -334,22 +371,28 @@ class AdaRankAdamW(Optimizer):
                           group: dict) -> None:
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
+            # Like p: under FSDP2 DTensors of p's placements (AdamW is elementwise).
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
             state.setdefault("nonfinite_skips", 0)
         state["step"] += 1
         beta1, beta2 = group["betas"]
         adam_step_(
-            p, grad, state["exp_avg"], state["exp_avg_sq"], step=int(state["step"]),
+            local_tensor(p), local_tensor(grad), local_tensor(state["exp_avg"]),
+            local_tensor(state["exp_avg_sq"]), step=int(state["step"]),
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], convention=self._convention,
         )
 
     def _lowrank_param_step(
-        self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, index: int
+        self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, index: int,
+        ctx: ShardContext = UNSHARDED,
     ) -> None:
-        # Projection math in float32 whatever the parameter dtype (DESIGN §5).
-        G = grad.reshape(p.shape[0], -1).to(torch.float32)
+        # This rank's rows (all of them unsharded); flatten(1), not
+        # reshape(m, -1), which fails on an empty shard. Projection math in
+        # float32 whatever the parameter dtype (DESIGN §5).
+        W = local_tensor(p)
+        G = local_tensor(grad).flatten(1).to(torch.float32)
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
             for key, value in (("rank", 0), ("since_refresh", 0),
@@ -359,28 +402,26 @@ class AdaRankAdamW(Optimizer):
         refresh = "exp_avg" not in state or state["since_refresh"] >= self._gap(state, group)
         check = group["check_every"]
         if not refresh and check and state["since_refresh"] % check == 0:
-            refresh = self._subspace_is_stale(G, state, group)
+            refresh = self._subspace_is_stale(G, state, group, ctx)
         if refresh:
-            self._refresh(G, state, group, index)
+            self._refresh(G, state, group, index, ctx)
         elif group["track_every"] and state["since_refresh"] % group["track_every"] == 0:
-            self._track(G, state, group)
+            self._track(G, state, group, ctx)
 
         state["step"] += 1
         state["since_refresh"] += 1
         beta1, beta2 = group["betas"]
         P, Q = _projectors(state)
         R = lowrank_adam_step_(
-            p, G, P, Q, state["exp_avg"],
-            state["exp_avg_sq"], state["bias1"], state["bias2"], lr=group["lr"], beta1=beta1,
+            W, G, P, Q, local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]),
+            state["bias1"], state["bias2"], lr=group["lr"], beta1=beta1,
             beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             scale=group["scale"], convention=self._convention,
             residual_norm=self._residual_norm(state, group, G),
-            residual_limit=group["residual_limit"],
+            residual_limit=group["residual_limit"], R=ctx.project(G, P, Q), norm=ctx.norm,
         )
         # Kept on the device: reading it costs a sync only when someone asks.
-        state["captured"] = torch.linalg.vector_norm(R) / torch.linalg.vector_norm(G).clamp_min(
-            torch.finfo(torch.float32).tiny
-        )
+        state["captured"] = ctx.captured_fraction(R, G, R_rows=P is None)
 
     @staticmethod
     def _residual_norm(state: dict, group: dict, G: torch.Tensor) -> torch.Tensor | None:
@@ -390,16 +431,19 @@ class AdaRankAdamW(Optimizer):
             state["residual_norm"] = G.new_zeros(())
         return state["residual_norm"]
 
-    def _subspace_is_stale(self, G: torch.Tensor, state: dict, group: dict) -> bool:
-        R = project(G, *_projectors(state))
-        r_norm = float(torch.linalg.vector_norm(R))
-        g_norm = float(torch.linalg.vector_norm(G))
+    def _subspace_is_stale(self, G: torch.Tensor, state: dict, group: dict,
+                           ctx: ShardContext = UNSHARDED) -> bool:
+        P, Q = _projectors(state)
+        r_norm, g_norm = ctx.projection_norms(ctx.project(G, P, Q), G, R_rows=P is None)
         if g_norm == 0.0:
             return False
         return r_norm / g_norm < group["refresh_below"] or r_norm <= group["converge_tol"]
 
-    def _refresh(self, G: torch.Tensor, state: dict, group: dict, index: int) -> None:
-        m, n = G.shape
+    def _refresh(self, G: torch.Tensor, state: dict, group: dict, index: int,
+                 ctx: ShardContext = UNSHARDED) -> None:
+        # G holds this rank's rows; the side and the cap follow the whole matrix.
+        m_local, n = G.shape
+        m = ctx.rows(G)
         side = side_for((m, n), group["proj_type"])
         cap = max(1, min(group["max_rank"], m, n))
         previous = state["rank"]
@@ -410,11 +454,11 @@ class AdaRankAdamW(Optimizer):
             sketch = cap
         else:
             sketch = min(cap, max(group["min_rank"], 2 * previous if previous else 16))
-        total_energy = float(G.square().sum())
+        total_energy = ctx.fro_sq(G)
         while True:
             # Fixed-accuracy range finder: grow the sketch until η is reached.
-            U, S, Vh = truncated_svd(G, sketch, group["backend"], seed=mix_seed(seed, sketch),
-                                     **options)
+            U, S, Vh = ctx.truncated_svd(G, sketch, group["backend"],
+                                         seed=mix_seed(seed, sketch), **options)
             rank, satisfied = rule(S, total_energy, group, previous)
             if satisfied or sketch >= cap:
                 break
@@ -423,25 +467,30 @@ class AdaRankAdamW(Optimizer):
         P_new, Q_new = projector_from_svd(U, Vh, rank, side)
         P_old, Q_old = _projectors(state)
         if self._align_signs:
-            P_new = None if P_new is None else align_signs(P_new, P_old)
+            P_new = None if P_new is None else ctx.align_rows(P_new, P_old)
             Q_new = None if Q_new is None else align_signs(Q_new, Q_old)
         if "exp_avg" in state:
-            self._change_subspace(state, group, P_new, Q_new)
-            state["overlap"] = subspace_overlap(P_old, P_new) if P_new is not None else (
+            self._change_subspace(state, group, P_new, Q_new, ctx)
+            state["overlap"] = ctx.overlap_rows(P_old, P_new) if P_new is not None else (
                 subspace_overlap(Q_old, Q_new))
         else:
-            shape = (rank if P_new is not None else m, rank if Q_new is not None else n)
-            state["exp_avg"] = G.new_zeros(shape)
-            state["exp_avg_sq"] = G.new_zeros(shape)
+            # Right side: moments have G's rows (this rank's m_local of them).
+            shape = (rank if P_new is not None else m_local, rank if Q_new is not None else n)
+            moments_rows = P_new is None
+            state["exp_avg"] = self._rows_state(G.new_zeros(shape), ctx, moments_rows)
+            state["exp_avg_sq"] = self._rows_state(G.new_zeros(shape), ctx, moments_rows)
             # One accumulated weight per compact coordinate (see transfer_moments).
             weight_shape = (shape[0] if P_new is not None else 1,
                             shape[1] if Q_new is not None else 1)
             state["bias1"] = G.new_zeros(weight_shape)
             state["bias2"] = G.new_zeros(weight_shape)
-            _set_projectors(state, group, P_new, Q_new)
+            _set_projectors(state, group, P_new, Q_new, ctx)
         state["rank"] = rank
         if group["lazy_refresh"]:
-            self._lazy_schedule(state, group, P_new if P_new is not None else Q_new)
+            if P_new is not None:
+                self._lazy_schedule(state, group, P_new, ctx, basis_rows=True)
+            else:
+                self._lazy_schedule(state, group, Q_new)
         state["refreshes"] += 1
         state["since_refresh"] = 0
 
@@ -452,12 +501,20 @@ class AdaRankAdamW(Optimizer):
         return group["update_gap"]
 
     @staticmethod
-    def _lazy_schedule(state: dict, group: dict, basis: torch.Tensor) -> None:
+    def _rows_state(t: torch.Tensor, ctx: ShardContext, rows: bool) -> torch.Tensor:
+        """State tensor ``t``, stored as a row-sharded DTensor when it has the parameter's rows."""
+        return ctx.wrap_rows(t) if rows else t
+
+    @staticmethod
+    def _lazy_schedule(state: dict, group: dict, basis: torch.Tensor,
+                       ctx: ShardContext = UNSHARDED, basis_rows: bool = False) -> None:
         """Q-GaLore's layer-adaptive gap (arXiv 2407.08296 §3.2): record |cos| between
         the leading basis vectors of consecutive refreshes; once ``lazy_window`` are
         recorded and their mean is at least ``lazy_threshold``, multiply this layer's
         gap by ``lazy_factor`` and start a new window. |cos|, since an SVD fixes
-        each singular vector only up to sign."""
+        each singular vector only up to sign. ``basis_rows``: the basis is a left
+        projector, row-sharded under FSDP2, so the cosine is all-reduced (else
+        ranks would choose different gaps and their collectives would deadlock)."""
         lead = basis[:, 0].clone()
         window = group["lazy_window"]
         if "lead_vector" in state:
@@ -465,30 +522,34 @@ class AdaRankAdamW(Optimizer):
             if sims is None or sims.numel() != window:
                 sims = lead.new_zeros(window)
             count = state.get("lazy_count", 0)
-            sims[count % window] = torch.dot(lead, state["lead_vector"]).abs()
+            dot = ctx.dot_rows if basis_rows else torch.dot
+            sims[count % window] = dot(lead, local_tensor(state["lead_vector"])).abs()
             count += 1
             if count >= window and float(sims.mean()) >= group["lazy_threshold"]:
                 state["gap"] = state.get("gap", group["update_gap"]) * group["lazy_factor"]
                 count = 0
             state["lazy_sims"], state["lazy_count"] = sims, count
         state.setdefault("gap", group["update_gap"])
-        state["lead_vector"] = lead
+        state["lead_vector"] = AdaRankAdamW._rows_state(lead, ctx, basis_rows)
 
-    def _track(self, G: torch.Tensor, state: dict, group: dict) -> None:
-        P_new, Q_new = track_subspace(G, *_projectors(state))
-        self._change_subspace(state, group, P_new, Q_new)
+    def _track(self, G: torch.Tensor, state: dict, group: dict,
+               ctx: ShardContext = UNSHARDED) -> None:
+        P_new, Q_new = ctx.track(G, *_projectors(state))
+        self._change_subspace(state, group, P_new, Q_new, ctx)
 
     def _change_subspace(
-        self, state: dict, group: dict, P_new: torch.Tensor | None, Q_new: torch.Tensor | None
+        self, state: dict, group: dict, P_new: torch.Tensor | None, Q_new: torch.Tensor | None,
+        ctx: ShardContext = UNSHARDED,
     ) -> None:
         P_old, Q_old = _projectors(state)
-        C_left = None if P_new is None else P_new.T @ P_old
+        C_left = None if P_new is None else ctx.matmul_tn(P_new, P_old)
         C_right = None if Q_new is None else Q_new.T @ Q_old
-        moments = [state[key] for key in _MOMENT_KEYS + _BIAS_KEYS]
+        moments = [local_tensor(state[key]) for key in _MOMENT_KEYS + _BIAS_KEYS]
         moments = transfer_moments(*moments, C_left, C_right, group["moments"])
         for key, value in zip(_MOMENT_KEYS + _BIAS_KEYS, moments, strict=True):
-            state[key] = value
-        _set_projectors(state, group, P_new, Q_new)
+            # Moments keep G's rows on the right side (no left projector).
+            state[key] = self._rows_state(value, ctx, key in _MOMENT_KEYS and P_new is None)
+        _set_projectors(state, group, P_new, Q_new, ctx)
 
     # ------------------------------------------------------------ accounting
 
@@ -553,14 +614,18 @@ class AdaRankAdamW(Optimizer):
         return out
 
     def state_bytes(self) -> dict[str, int]:
-        """Bytes of every tensor in ``self.state``: ``total`` and by kind
-        (``moments``, ``projectors``, ``other``)."""
+        """Bytes of every tensor in ``self.state`` this process holds: ``total`` and by
+        kind (``moments``, ``projectors``, ``other``). Under FSDP2, the local shards
+        of DTensor state: right-side moments, left projectors and plain AdamW
+        moments shrink with the number of ranks; right projectors and left-side
+        moments (r×n) are replicated."""
         out = {"moments": 0, "projectors": 0, "other": 0}
         for state in self.state.values():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
                     kind = ("moments" if key in _MOMENT_KEYS
                             else "projectors" if key.startswith(_PROJ_KEYS) else "other")
+                    value = local_tensor(value)
                     out[kind] += value.numel() * value.element_size()
         out["total"] = sum(out.values())
         return out

@@ -19,10 +19,15 @@ Scenarios:
   uninterrupted run (bitwise).
 - ``fsdp_shards``: the sharded primitives on real FSDP2 (``fully_shard``)
   gradient shards against the single-process gradient.
-- ``fsdp_train``: AdaRankAdamW on an FSDP2 model against one process.
-- ``fsdp_prototype``: the same with ``fsdp_prototype.ShardedAdaRankAdamW``, the
-  integration plan on the sharded primitives.
-- ``ddp_layerwise``: ``adarank.layerwise`` under DDP, ranks against each other.
+- ``fsdp_train``: AdaRankAdamW on an FSDP2 model against one process; per-rank
+  optimizer-state bytes.
+- ``fsdp_variants``: the same with the residual path, lazy refresh and
+  two-sided (``full``) projection.
+- ``fsdp_checkpoint``: FSDP2 training saved with torch.distributed.checkpoint on
+  every rank, restored into a fresh sharded model and optimizer, continued;
+  against the uninterrupted run (bitwise).
+- ``fsdp_nan``: a NaN in rank 1's gradient shard only: every rank skips.
+- ``ddp_layerwise``: ``adarank.layerwise`` under DDP must be refused.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ from torch import nn
 
 import adarank
 from adarank.distributed import (
+    is_dtensor,
     load_checkpoint,
+    local_tensor,
     randomized_svd_comm_bytes,
     record_comm,
     row_shard_info,
@@ -108,7 +115,7 @@ def known_spectrum(m: int, n: int, decay: float, seed: int) -> torch.Tensor:
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+    return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
 
 
 def snapshot(named: Iterable[tuple[str, nn.Parameter]], opt: torch.optim.Optimizer
@@ -418,19 +425,18 @@ def scenario_fsdp_shards(out_dir: Path) -> dict[str, Any]:
 # ------------------------------------------------------ scenario: FSDP2 train
 
 
-def fsdp_run(optimizer_class: type[torch.optim.Optimizer]) -> dict[str, Any]:
-    """Parameters, ranks and refreshes against one process; per-rank state bytes.
+FSDP_OPTIONS = dict(OPTIONS, eta=0.995, max_rank=6)
+
+
+def fsdp_run(options: dict[str, Any], steps: Iterable[int] = range(8)) -> dict[str, Any]:
+    """Parameters, losses, ranks and refreshes against one process; per-rank state bytes.
 
     Projector and moment signs are not compared: the first refresh fixes each
     basis vector only up to sign, and the weights do not depend on that choice.
     """
-    from fsdp_prototype import local_state_bytes
-
-    steps = range(8)
-    options = dict(OPTIONS, eta=0.995, max_rank=6)
     reference = make_fsdp_net(0)
     sharded = shard(copy.deepcopy(reference))
-    opt = optimizer_class(adarank.param_groups(sharded), **options)
+    opt = adarank.AdaRankAdamW(adarank.param_groups(sharded), **options)
     losses = train(sharded, opt, steps, rank(), world())
     ref_opt = adarank.AdaRankAdamW(adarank.param_groups(reference), **options)
     ref_losses = train(reference, ref_opt, steps, 0, 1)
@@ -445,47 +451,147 @@ def fsdp_run(optimizer_class: type[torch.optim.Optimizer]) -> dict[str, Any]:
         "reference_ranks": ref_opt.ranks(),
         "refreshes": opt.refresh_counts(),
         "reference_refreshes": ref_opt.refresh_counts(),
+        "gaps": opt.refresh_gaps(),
+        "reference_gaps": ref_opt.refresh_gaps(),
         "skips": opt.nonfinite_skips(),
         "reference_skips": ref_opt.nonfinite_skips(),
-        "state_bytes": gather(local_state_bytes(opt)),
-        "reference_state_bytes": local_state_bytes(ref_opt),
+        "state_bytes": gather(opt.state_bytes()),
+        "reference_state_bytes": ref_opt.state_bytes(),
     }
 
 
 def scenario_fsdp_train(out_dir: Path) -> dict[str, Any]:
     del out_dir
-    return fsdp_run(adarank.AdaRankAdamW)
+    return fsdp_run(FSDP_OPTIONS)
 
 
-def scenario_fsdp_prototype(out_dir: Path) -> dict[str, Any]:
+def scenario_fsdp_variants(out_dir: Path) -> dict[str, Any]:
     del out_dir
-    from fsdp_prototype import ShardedAdaRankAdamW
+    # lazy_threshold 0 lengthens the gap at every window of 2: the |cos| that
+    # decides it is all-reduced for a left basis. Two-sided projection with
+    # eps = 1e-6 (GaLore's): at a refresh R = PᵀGQ is diagonal, and with
+    # eps = 1e-8 Adam turns its off-diagonal rounding noise into full-size
+    # steps (one process moves by 5e-4 when its weights move by 1 ulp).
+    lazy = dict(lazy_refresh=True, lazy_window=2, lazy_threshold=0.0)
+    return {
+        "residual_lazy": fsdp_run(dict(FSDP_OPTIONS, residual=True, **lazy)),
+        "full_lazy": fsdp_run(dict(FSDP_OPTIONS, proj_type="full", eps=1e-6, **lazy)),
+    }
 
-    return fsdp_run(ShardedAdaRankAdamW)
+
+# ------------------------------------------------- scenario: FSDP2 checkpoint
+
+
+def dtensor_keys(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, list[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: sorted(k for k, v in st.items() if is_dtensor(v))
+            for p, st in opt.state.items()}
+
+
+def scenario_fsdp_checkpoint(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / "fsdp_checkpoint"
+    # Residual and lazy refresh, so every kind of state is saved; NAN_STEP falls
+    # after the save, so both continuations skip it.
+    options = dict(FSDP_OPTIONS, residual=True, lazy_refresh=True, lazy_window=2,
+                   lazy_threshold=0.0)
+    net = shard(make_fsdp_net(0))
+    opt = adarank.AdaRankAdamW(adarank.param_groups(net), **options)
+    train(net, opt, range(4), rank(), world())
+    save_checkpoint(path, net, opt)
+    ranks_at_save = opt.ranks()
+    train(net, opt, range(4, 9), rank(), world())
+    uninterrupted = snapshot(net.named_parameters(), opt)
+
+    net2 = shard(make_fsdp_net(123))  # other initial weights: the checkpoint must overwrite them
+    opt2 = adarank.AdaRankAdamW(adarank.param_groups(net2), **options)
+    load_checkpoint(path, net2, opt2)
+    ranks_loaded = opt2.ranks()
+    loaded_dtensors = dtensor_keys(opt2, net2)
+    train(net2, opt2, range(4, 9), rank(), world())
+    resumed = snapshot(net2.named_parameters(), opt2)
+    return {
+        "differs": gather(identical(uninterrupted, resumed)),
+        "ranks_at_save": ranks_at_save,
+        "ranks_loaded": ranks_loaded,
+        "dtensor_keys": dtensor_keys(opt, net),
+        "loaded_dtensor_keys": loaded_dtensors,
+        "skips": opt2.nonfinite_skips(),
+        "files": sorted(p.name for p in path.iterdir()),
+    }
+
+
+# ------------------------------------------------ scenario: FSDP2 NaN shard
+
+
+def scenario_fsdp_nan(out_dir: Path) -> dict[str, Any]:
+    """A NaN written into rank 1's shard of one gradient, after backward."""
+    del out_dir
+    net = shard(make_fsdp_net(0))
+    opt = adarank.AdaRankAdamW(adarank.param_groups(net), **FSDP_OPTIONS)
+    target = dict(net.named_parameters())["0.weight"]
+    unchanged, moved = [], []
+    for step in range(4):
+        x, y = batch(step + 100)  # no Inf in these batches
+        per = GLOBAL_BATCH // world()
+        rows = slice(rank() * per, (rank() + 1) * per)
+        opt.zero_grad()
+        (net(x[rows]) - y[rows]).square().mean().backward()
+        if step == 2 and rank() == 1:
+            target.grad.to_local()[0, 0] = float("nan")
+        before = [local_tensor(p).detach().clone() for p in net.parameters()]
+        opt.step()
+        after = [local_tensor(p) for p in net.parameters()]
+        if step == 2:
+            unchanged = [torch.equal(a, b) for a, b in zip(before, after, strict=True)]
+            moved = [name for (name, _), a, b in zip(net.named_parameters(), before, after,
+                                                     strict=True)
+                     if a.numel() and not torch.equal(a, b)]
+    return {
+        "skips": gather(opt.nonfinite_skips()),
+        "target_unchanged": gather(unchanged[0]),
+        "moved_at_nan_step": gather(moved),
+        "params_finite": all(bool(torch.isfinite(p.full_tensor()).all())
+                             for p in net.parameters()),
+        "steps": gather({n: int(opt.state[p]["step"]) for n, p in net.named_parameters()}),
+    }
+
+
+def scenario_fsdp_refusals(out_dir: Path) -> dict[str, Any]:
+    """Backends that need the full gradient are refused under FSDP2, on every rank."""
+    del out_dir
+    net = shard(make_fsdp_net(0))
+    x, y = batch(0)
+    (net(x) - y).square().mean().backward()
+    messages = {}
+    for backend in ("exact", "fbpca"):
+        opt = adarank.AdaRankAdamW(adarank.param_groups(net), backend=backend)
+        try:
+            opt.step()
+        except ValueError as error:
+            messages[backend] = str(error)
+    return {"messages": gather(messages)}
 
 
 # ------------------------------------------------- scenario: DDP layer-wise
 
 
 def scenario_ddp_layerwise(out_dir: Path) -> dict[str, Any]:
-    """``adarank.layerwise`` under DDP: do the ranks stay identical?"""
+    """``adarank.layerwise`` under DDP: refused, for the inner module and the wrapper."""
     del out_dir
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     net = make_net(0)
     model = DDP(net)
-    lw = adarank.layerwise(net, lambda groups: adarank.AdaRankAdamW(groups, **OPTIONS),
-                           groups=adarank.param_groups(net))
-    per = GLOBAL_BATCH // world()
-    for step in range(3):
-        x, y = batch(step)
-        rows = slice(rank() * per, (rank() + 1) * per)
-        (model(x[rows]) - y[rows]).square().mean().backward()
-        lw.step()
-    params = [p.detach().clone() for p in net.parameters()]
-    others = gather(params)
-    return {"param_max_diff_across_ranks": max(
-        max_abs(a, b) for other in others[1:] for a, b in zip(others[0], other, strict=True))}
+    messages = []
+    for target in (net, model):
+        try:
+            adarank.layerwise(target, lambda groups: adarank.AdaRankAdamW(groups, **OPTIONS),
+                              groups=adarank.param_groups(net))
+        except ValueError as error:
+            messages.append(str(error))
+        else:
+            messages.append(None)
+    return {"messages": messages}
 
 
 SCENARIOS: dict[str, Callable[[Path], dict[str, Any]]] = {
@@ -494,7 +600,10 @@ SCENARIOS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "checkpoint": scenario_checkpoint,
     "fsdp_shards": scenario_fsdp_shards,
     "fsdp_train": scenario_fsdp_train,
-    "fsdp_prototype": scenario_fsdp_prototype,
+    "fsdp_variants": scenario_fsdp_variants,
+    "fsdp_checkpoint": scenario_fsdp_checkpoint,
+    "fsdp_nan": scenario_fsdp_nan,
+    "fsdp_refusals": scenario_fsdp_refusals,
     "ddp_layerwise": scenario_ddp_layerwise,
 }
 
