@@ -77,9 +77,18 @@ def adam_step_(
     p: torch.Tensor, g: torch.Tensor, M: torch.Tensor, V: torch.Tensor, *, step: int,
     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, convention: str,
 ) -> None:
-    """Plain AdamW on a full-size parameter (biases, norms, excluded weights)."""
-    update_moments_(g.to(torch.float32), M, V, beta1, beta2)
-    N = adam_direction(M, V, 1.0 - beta1**step, 1.0 - beta2**step, eps, convention)
+    """Plain AdamW on a full-size parameter (biases, norms, excluded weights).
+
+    ``M``/``V`` are stored in the parameter's dtype, as ``torch.optim.AdamW`` does
+    (so a bf16 model's plain state is no larger than AdamW's); the arithmetic is
+    float32 and the moments are written back rounded.
+    """
+    M32, V32 = M.to(torch.float32), V.to(torch.float32)
+    update_moments_(g.to(torch.float32), M32, V32, beta1, beta2)
+    N = adam_direction(M32, V32, 1.0 - beta1**step, 1.0 - beta2**step, eps, convention)
+    if M32 is not M:
+        M.copy_(M32)
+        V.copy_(V32)
     apply_update_(p, N, lr, weight_decay, convention)
 
 

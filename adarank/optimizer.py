@@ -371,9 +371,10 @@ class AdaRankAdamW(Optimizer):
                           group: dict) -> None:
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
-            # Like p: under FSDP2 DTensors of p's placements (AdamW is elementwise).
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            # Like p, dtype included (as torch.optim.AdamW); under FSDP2 DTensors of
+            # p's placements (AdamW is elementwise).
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
             state.setdefault("nonfinite_skips", 0)
         state["step"] += 1
         beta1, beta2 = group["betas"]
