@@ -155,8 +155,11 @@ class SpectrumLogger:
         layers: dict[str, dict[str, Any]] = {}
         with torch.no_grad():
             for index, (name, param) in enumerate(self._tracked):
-                if param.grad is not None and param.grad.layout == torch.strided:
-                    layers[name] = self._measure(param.grad, index, step)
+                # An INT8 weight (adarank.Int8Linear) keeps its float gradient aside.
+                grad = param.grad if param.grad is not None else getattr(
+                    param, "weight_grad", None)
+                if grad is not None and grad.layout == torch.strided:
+                    layers[name] = self._measure(grad, index, step)
         record: dict[str, Any] = {
             "kind": "record",
             "step": int(step),
@@ -326,7 +329,7 @@ def _select(
         (name, param)
         for name, param in model.named_parameters()
         if param.ndim >= 2
-        and param.requires_grad
+        and (param.requires_grad or getattr(param, "int8_module", None) is not None)
         and wanted(name, param)
         and not any(word in name for word in exclude)
     ]

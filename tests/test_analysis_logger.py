@@ -315,3 +315,26 @@ def test_logging_overhead_at_every_50_is_under_5_percent(tmp_path):
     result = train(DemoConfig(optimizer="adamw", steps=300, every=50), tmp_path / "o.jsonl")
     overhead = result["record_seconds"] / (result["train_seconds"] - result["record_seconds"])
     assert overhead < 0.05
+
+
+def test_logger_reads_int8_weights_float_gradient(tmp_path):
+    # adarank.Int8Linear keeps the float gradient in weight.weight_grad (integer
+    # tensors cannot hold one); the logger must measure it like any other.
+    import adarank
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
+    adarank.quantize_linears(model, exclude=())
+    opt = adarank.QGaLoreAdamW(adarank.param_groups(model, rank=4))
+    path = tmp_path / "int8.jsonl"
+    logger = SpectrumLogger(model, path, every=1, optimizer=opt)
+    for step in range(2):
+        model(torch.randn(4, 16)).square().mean().backward()
+        G = model[0].weight.weight_grad.double()
+        logger.record(step)
+        opt.step()
+        opt.zero_grad()
+    logger.close()
+    log = load_log(path)
+    assert log.layer_names == ["0.weight", "1.weight"]
+    expected = float(torch.linalg.matrix_norm(G))
+    assert log.layers["0.weight"]["fro_norm"][-1] == pytest.approx(expected, rel=1e-5)
