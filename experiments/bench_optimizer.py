@@ -63,7 +63,7 @@ SHAPES: dict[str, tuple[int, int]] = {
 # GaLore's ranks for those shapes (DESIGN §10); AdaRankAdamW's max_rank is the same.
 GALORE_RANKS: dict[str, int] = {"tiny": 16, "60m": 128, "130m": 256, "350m": 256, "1b": 512}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-OPTIMIZERS = ("AdamW", "GaLoreAdamW", "AdaRankAdamW")
+OPTIMIZERS = ("AdamW", "GaLoreAdamW", "QGaLoreAdamW", "AdaRankAdamW", "AdaRankAdamW-INT4")
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Synthetic gradient spectrum: σ_i ∝ i^(−SPECTRUM_EXPONENT) on a signal of rank
@@ -271,8 +271,16 @@ def make_optimizer(name: str, model: nn.Module, rank: int) -> torch.optim.Optimi
     if name == "GaLoreAdamW":
         groups = adarank.param_groups(model, rank=rank, update_proj_gap=NEVER)
         return adarank.GaLoreAdamW(groups, lr=LR)
-    if name == "AdaRankAdamW":
-        groups = adarank.param_groups(model, max_rank=rank, eta=ETA, update_gap=NEVER)
+    if name == "QGaLoreAdamW":
+        # INT4 projectors. Lazy refresh changes how often a refresh happens, not what one
+        # costs, so it is off here; INT8 weights need Int8Linear modules (see bench_gpu).
+        groups = adarank.param_groups(model, rank=rank, update_proj_gap=NEVER,
+                                      lazy_refresh=False)
+        return adarank.QGaLoreAdamW(groups, lr=LR)
+    if name in ("AdaRankAdamW", "AdaRankAdamW-INT4"):
+        bits = 4 if name.endswith("INT4") else 32
+        groups = adarank.param_groups(model, max_rank=rank, eta=ETA, update_gap=NEVER,
+                                      proj_bits=bits)
         return adarank.AdaRankAdamW(groups, lr=LR)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
 
@@ -447,7 +455,7 @@ def format_table(report: dict[str, Any]) -> str:
     for name, r in report["results"].items():
         if name == "AdamW":
             rank = "full"
-        elif name == "GaLoreAdamW":
+        elif "GaLore" in name:
             rank = str(c["rank"])
         else:
             rank = f"≤{c['rank']}, η={c['eta']}"
