@@ -54,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     parser.add_argument("--model", default="cpu", help="model shape (tiny for a smoke run)")
     parser.add_argument("--out", default="demo_out", help="output directory")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default torch's; 1 on a machine busy with "
+                             "other jobs, where multi-threaded kernels stall)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -64,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = TrainConfig(
             model=args.model, optimizer=optimizer, steps=args.steps, out=str(out / optimizer),
             overwrite=True, eval_every=every, ckpt_every=args.steps, spectrum_every=every,
-            update_gap=every, progress=not args.no_progress,
+            update_gap=every, progress=not args.no_progress, threads=args.threads,
         )
         train(config)
         runs[optimizer] = out / optimizer
