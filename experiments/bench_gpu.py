@@ -55,6 +55,9 @@ from torch import nn
 from tqdm import tqdm
 
 import adarank
+
+# Shared with the optimizer-only benchmark.
+from experiments.bench_optimizer import _lowrank_groups, _rank_summary, _sync, tensor_state_bytes
 from experiments.model import CONFIGS, PAPER_RANKS, Decoder, ModelConfig, get_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -201,16 +204,7 @@ def make_optimizer(
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
 
 
-def _lowrank_groups(opt: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    return [g for g in opt.param_groups if g.get("lowrank")]
-
-
 # ------------------------------------------------------------------- timing
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class StepClock:
@@ -272,16 +266,6 @@ def _refresh_total(opt: torch.optim.Optimizer) -> int:
     if isinstance(opt, adarank.AdaRankAdamW):
         return sum(opt.refresh_counts().values())
     return 0
-
-
-def tensor_state_bytes(opt: torch.optim.Optimizer, keys: Sequence[str] | None = None) -> int:
-    """Bytes of the tensors in ``opt.state`` (only those under ``keys``, when given)."""
-    return sum(
-        v.numel() * v.element_size()
-        for state in opt.state.values()
-        for k, v in state.items()
-        if isinstance(v, torch.Tensor) and (keys is None or k in keys)
-    )
 
 
 def step_bytes(opt: torch.optim.Optimizer) -> dict[str, int]:
@@ -559,19 +543,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "results": results,
     }
-
-
-def _rank_summary(ranks: dict[str, int]) -> str:
-    by_type: dict[str, list[int]] = {}
-    for name, r in ranks.items():
-        by_type.setdefault(name.split(".")[-2], []).append(r)
-    parts = []
-    for kind in MATRICES:
-        values = by_type.get(kind, [])
-        if values:
-            lo, hi = min(values), max(values)
-            parts.append(f"{kind} {lo}" if lo == hi else f"{kind} {lo}–{hi}")
-    return ", ".join(parts)
 
 
 def _cell(value: float | None, ratio: float | None, fmt: str) -> str:
