@@ -26,7 +26,9 @@ __all__ = [
     "CONVENTIONS",
     "adam_direction",
     "adam_step_",
+    "apply_lowrank_update_",
     "apply_update_",
+    "foreach_adam_directions_",
     "lowrank_adam_step_",
     "residual_update",
     "update_moments_",
@@ -166,3 +168,66 @@ def lowrank_adam_step_(
         full += residual_update(G, R, N, P, Q, residual_norm, residual_limit, norm)
     apply_update_(p, full.mul_(scale), lr, weight_decay, convention)
     return R
+
+
+def foreach_adam_directions_(
+    Rs: list[torch.Tensor], Ms: list[torch.Tensor], Vs: list[torch.Tensor],
+    B1s: list[torch.Tensor], B2s: list[torch.Tensor], *, beta1: float, beta2: float,
+    eps: float, convention: str,
+) -> list[torch.Tensor]:
+    """The compact half of ``lowrank_adam_step_`` for many matrices in ``torch._foreach_*``
+    kernels: update the moments ``Ms``/``Vs`` and their per-coordinate weights
+    ``B1s``/``B2s`` in place from the compact gradients ``Rs``, and return the
+    directions ``N`` (``adam_direction``). Same operations in the same order as
+    the one-matrix functions, so results agree to the last bit on the CPU.
+    """
+    torch._foreach_lerp_(Ms, Rs, 1.0 - beta1)
+    torch._foreach_mul_(Vs, beta2)
+    torch._foreach_addcmul_(Vs, Rs, Rs, value=1.0 - beta2)
+    for weights, beta in ((B1s, beta1), (B2s, beta2)):
+        torch._foreach_mul_(weights, beta)
+        torch._foreach_add_(weights, 1.0 - beta)
+    denominators = torch._foreach_sqrt(Vs)
+    sqrt_b2 = torch._foreach_sqrt(B2s)
+    if convention == "galore":
+        torch._foreach_add_(denominators, eps)
+        Ns = torch._foreach_div(Ms, denominators)
+        torch._foreach_mul_(Ns, torch._foreach_div(sqrt_b2, B1s))
+        return Ns
+    torch._foreach_div_(denominators, sqrt_b2)
+    torch._foreach_add_(denominators, eps)
+    Ns = torch._foreach_div(Ms, denominators)
+    torch._foreach_div_(Ns, B1s)
+    return Ns
+
+
+def apply_lowrank_update_(
+    p: torch.Tensor, N: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None, *,
+    lr: float, weight_decay: float, scale: float, convention: str,
+) -> None:
+    """``p ← p − lr·α·back(N)`` with decoupled decay as ``apply_update_``, in one GEMM.
+
+    ``back(N)`` (``P N``, ``N Qᵀ``, ``P N Qᵀ``) is never materialised at full
+    size: ``addmm_`` scales ``p`` by the decay and adds the product in place,
+    so the weight is read and written once, where ``apply_update_`` makes five
+    full-size passes. The galore convention decays after the update,
+    ``(1 − lr·λ)(W − lr·α·back(N))``, which is the same form. A bf16 weight
+    takes bf16 factors (the GEMM accumulates in float32 and rounds once; the
+    one-matrix path rounds the float32 update to bf16 before adding it, an
+    error of the same size). A non-contiguous ``p`` falls back to ``apply_update_``.
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention={convention!r} is not known; choose one of {CONVENTIONS}")
+    if P is not None and Q is not None:
+        left, right = P @ N, Q.T
+    elif P is not None:
+        left, right = P, N
+    else:
+        left, right = N, Q.T
+    if not p.is_contiguous():
+        apply_update_(p, (left @ right).mul_(scale), lr, weight_decay, convention)
+        return
+    decay = 1.0 - lr * weight_decay
+    alpha = -lr * scale * (decay if convention == "galore" else 1.0)
+    W = p.view(p.shape[0], -1)
+    W.addmm_(left.to(W.dtype), right.to(W.dtype), beta=decay, alpha=alpha)

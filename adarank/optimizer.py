@@ -45,12 +45,23 @@ from .distributed import (
     is_dtensor,
     local_tensor,
 )
-from .functional import adam_step_, lowrank_adam_step_
-from .projector import PROJ_TYPES, projector_from_svd, side_for
+from .functional import (
+    adam_step_,
+    apply_lowrank_update_,
+    foreach_adam_directions_,
+    lowrank_adam_step_,
+)
+from .projector import PROJ_TYPES, project, projector_from_svd, side_for
 from .quant import dequantize, flatten_qtensor, is_int8_weight, quantize, unflatten_qtensor
 from .rank import RANK_RULES
-from .rsvd import BACKENDS, mix_seed
-from .subspace import MOMENT_POLICIES, align_signs, subspace_overlap, transfer_moments
+from .rsvd import BACKENDS, mix_seed, truncated_svd_batched
+from .subspace import (
+    MOMENT_POLICIES,
+    align_signs,
+    subspace_overlap,
+    subspace_overlap_tensor,
+    transfer_moments,
+)
 
 __all__ = ["AdaRankAdamW", "GaLoreAdamW", "QGaLoreAdamW"]
 
@@ -84,6 +95,8 @@ LOWRANK_DEFAULTS: dict[str, Any] = {
     "lazy_threshold": 0.4,  # ... when the mean |cos| of consecutive leading vectors ≥ this
     "lazy_window": 5,       # ... over this many consecutive refreshes
     "lazy_factor": 2,       # γ: the gap is multiplied by this
+    "stagger": 0,           # spread scheduled refreshes over this many phases of the gap
+    "foreach": True,        # multi-tensor fast paths (False: one matrix at a time)
 }
 
 _ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
@@ -93,6 +106,11 @@ _NONFINITE_POLICIES = ("skip", "raise")
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 _PROJ_KEYS = ("proj_left", "proj_right")
 _BIAS_KEYS = ("bias1", "bias2")
+# Backends whose refresh runs as one batched SVD per shape (fbpca goes one matrix at a time).
+BATCHED_BACKENDS = ("torch", "exact")
+# At most this many bytes of stacked float32 gradients per batched SVD: a refresh
+# must not need a float32 copy of every gradient at once.
+REFRESH_BATCH_BYTES = 256 * 2**20
 
 
 def _grad(p: torch.Tensor) -> torch.Tensor | None:
@@ -101,6 +119,31 @@ def _grad(p: torch.Tensor) -> torch.Tensor | None:
     if p.grad is not None:
         return p.grad
     return p.weight_grad if is_int8_weight(p) else None
+
+
+def _update_target(p: torch.Tensor) -> torch.Tensor:
+    """The tensor an update is applied to: ``p``, or an INT8 weight's float32
+    dequantisation (re-quantised afterwards by ``_store_int8``)."""
+    return p.int8_module.dequantized_weight() if is_int8_weight(p) else p
+
+
+class _Item:
+    """An unsharded low-rank parameter on the fast path of one step."""
+
+    __slots__ = ("R", "index", "param", "shape", "state")
+
+    def __init__(self, index: int, param: torch.Tensor, state: dict) -> None:
+        self.index = index
+        self.param = param
+        self.state = state
+        self.shape = (param.shape[0], math.prod(param.shape[1:]))
+        # The staleness test's compact gradient, reused by the step if P stays.
+        self.R: torch.Tensor | None = None
+
+    def gradient(self) -> torch.Tensor:
+        """G as a float32 m×n matrix: a view of a float32 gradient, else a fresh
+        conversion on every call, so no float32 copies of all gradients live at once."""
+        return _grad(self.param).flatten(1).to(torch.float32)
 
 
 def _projectors(state: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -182,7 +225,7 @@ def validate_group(group: dict[str, Any]) -> None:
             "min_rank must not exceed max_rank"
         )
     for key in ("rank_hysteresis", "oversample", "power_iters", "track_every", "check_every",
-                "seed"):
+                "seed", "stagger"):
         _check(_is_int(group[key]) and group[key] >= 0, key, group[key], "an integer >= 0")
     _check(group["backend"] in BACKENDS, "backend", group["backend"], f"one of {sorted(BACKENDS)}")
     _check(group["proj_type"] in PROJ_TYPES, "proj_type", group["proj_type"],
@@ -204,8 +247,8 @@ def validate_group(group: dict[str, Any]) -> None:
     _check(_is_int(pg) and pg >= 1, "proj_group_size", pg, "an integer >= 1")
     _check(isinstance(group["stochastic_rounding"], bool), "stochastic_rounding",
            group["stochastic_rounding"], "True or False")
-    _check(isinstance(group["lazy_refresh"], bool), "lazy_refresh", group["lazy_refresh"],
-           "True or False")
+    for key in ("lazy_refresh", "foreach"):
+        _check(isinstance(group[key], bool), key, group[key], "True or False")
     lt = group["lazy_threshold"]
     _check(isinstance(lt, (int, float)) and -1.0 <= lt <= 1.0, "lazy_threshold", lt,
            "a number in [-1, 1]")
@@ -317,6 +360,8 @@ class AdaRankAdamW(Optimizer):
             # FSDP2 the flags are all-reduced, as a NaN may sit in one rank's
             # shard and every rank must skip (and issue the same collectives).
             finite = finite_flags([local_tensor(_grad(p)) for _, p in with_grad], contexts)
+            fast: list[_Item] = []
+            first: list[torch.Tensor] = []  # low-rank parameters without a subspace yet
             for (i, p), ok, ctx in zip(with_grad, finite, contexts, strict=True):
                 state = self.state[p]
                 if not ok:
@@ -327,15 +372,39 @@ class AdaRankAdamW(Optimizer):
                         )
                     state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
                     continue
+                if group["lowrank"] and p.ndim >= 2:
+                    if "exp_avg" not in state:
+                        first.append(p)
+                    if group["foreach"] and not ctx.sharded:
+                        fast.append(_Item(i, p, state))
+                        continue
                 # An INT8 weight is updated through its float32 dequantisation.
-                target = p.int8_module.dequantized_weight() if is_int8_weight(p) else p
+                target = _update_target(p)
                 if group["lowrank"] and p.ndim >= 2:
                     self._lowrank_param_step(target, _grad(p), state, group, i, ctx)
                 else:
                     self._plain_param_step(target, _grad(p), state, group)
                 if target is not p:
                     self._store_int8(p, target, state, group, i)
+            if fast:
+                self._lowrank_group_step(group, fast)
+            if group["stagger"] > 1:
+                for p in first:
+                    if "exp_avg" in self.state[p]:
+                        self.state[p]["since_refresh"] += self._stagger_offset(group, p)
         return loss
+
+    @staticmethod
+    def _stagger_offset(group: dict, p: torch.Tensor) -> int:
+        """Steps by which ``p``'s first refresh period is shortened under ``stagger`` = k:
+        the group's matrices, in order, fall into k contiguous phases and phase j
+        starts j·T/k steps into its period, so about 1/k of them refresh on any
+        scheduled step while neighbours (one block's matrices, often of one shape)
+        still refresh together and share a batched SVD."""
+        k = group["stagger"]
+        matrices = [q for q in group["params"] if q.ndim >= 2]
+        position = next(j for j, q in enumerate(matrices) if q is p)
+        return (position * k // len(matrices)) * group["update_gap"] // k
 
     def _shard_context(self, p: torch.Tensor, group: dict) -> ShardContext:
         """``ShardContext.of(p)``, refusing what cannot run on row shards."""
@@ -385,44 +454,162 @@ class AdaRankAdamW(Optimizer):
             weight_decay=group["weight_decay"], convention=self._convention,
         )
 
-    def _lowrank_param_step(
-        self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, index: int,
-        ctx: ShardContext = UNSHARDED,
-    ) -> None:
-        # This rank's rows (all of them unsharded); flatten(1), not
-        # reshape(m, -1), which fails on an empty shard. Projection math in
-        # float32 whatever the parameter dtype (DESIGN §5).
-        W = local_tensor(p)
-        G = local_tensor(grad).flatten(1).to(torch.float32)
+    @staticmethod
+    def _init_lowrank_state(state: dict) -> None:
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
             for key, value in (("rank", 0), ("since_refresh", 0),
                                ("refreshes", 0), ("overlap", float("nan"))):
                 state[key] = value
             state.setdefault("nonfinite_skips", 0)
-        refresh = "exp_avg" not in state or state["since_refresh"] >= self._gap(state, group)
-        check = group["check_every"]
-        if not refresh and check and state["since_refresh"] % check == 0:
-            refresh = self._subspace_is_stale(G, state, group, ctx)
+
+    def _refresh_due(self, state: dict, group: dict) -> bool:
+        return "exp_avg" not in state or state["since_refresh"] >= self._gap(state, group)
+
+    @staticmethod
+    def _due(state: dict, every: int) -> bool:
+        """Whether a periodic action (``check_every``, ``track_every``) falls on this step."""
+        return bool(every) and state["since_refresh"] % every == 0
+
+    @staticmethod
+    def _is_stale(r_norm: float, g_norm: float, group: dict) -> bool:
+        """The refresh events of DESIGN §3.4 from ``‖R‖_F`` and ``‖G‖_F``."""
+        if g_norm == 0.0:
+            return False
+        return r_norm / g_norm < group["refresh_below"] or r_norm <= group["converge_tol"]
+
+    def _lowrank_param_step(
+        self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, index: int,
+        ctx: ShardContext = UNSHARDED,
+    ) -> None:
+        """One matrix at a time (``foreach=False``, and always under FSDP2); the
+        reference the fast path ``_lowrank_group_step`` is tested against."""
+        # This rank's rows (all of them unsharded); flatten(1), not
+        # reshape(m, -1), which fails on an empty shard. Projection math in
+        # float32 whatever the parameter dtype (DESIGN §5).
+        G = local_tensor(grad).flatten(1).to(torch.float32)
+        self._init_lowrank_state(state)
+        refresh = self._refresh_due(state, group)
+        R = None  # the staleness test's PᵀG, reused by the step when P stays
+        if not refresh and self._due(state, group["check_every"]):
+            P, Q = _projectors(state)
+            R = ctx.project(G, P, Q)
+            refresh = self._is_stale(*ctx.projection_norms(R, G, R_rows=P is None), group)
         if refresh:
             self._refresh(G, state, group, index, ctx)
-        elif group["track_every"] and state["since_refresh"] % group["track_every"] == 0:
+            R = None
+        elif self._due(state, group["track_every"]):
             self._track(G, state, group, ctx)
+            R = None
+        self._adam_update(local_tensor(p), G, state, group, ctx, R)
 
+    def _adam_update(
+        self, W: torch.Tensor, G: torch.Tensor, state: dict, group: dict,
+        ctx: ShardContext = UNSHARDED, R: torch.Tensor | None = None,
+    ) -> None:
         state["step"] += 1
         state["since_refresh"] += 1
         beta1, beta2 = group["betas"]
         P, Q = _projectors(state)
-        R = lowrank_adam_step_(
+        if R is None:
+            R = ctx.project(G, P, Q)
+        lowrank_adam_step_(
             W, G, P, Q, local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]),
             state["bias1"], state["bias2"], lr=group["lr"], beta1=beta1,
             beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             scale=group["scale"], convention=self._convention,
             residual_norm=self._residual_norm(state, group, G),
-            residual_limit=group["residual_limit"], R=ctx.project(G, P, Q), norm=ctx.norm,
+            residual_limit=group["residual_limit"], R=R, norm=ctx.norm,
         )
         # Kept on the device: reading it costs a sync only when someone asks.
         state["captured"] = ctx.captured_fraction(R, G, R_rows=P is None)
+
+    # --------------------------------------------------- multi-tensor fast path
+
+    def _lowrank_group_step(self, group: dict, items: list[_Item]) -> None:
+        """A step of a group's unsharded low-rank parameters (``foreach=True``).
+
+        The decisions are ``_lowrank_param_step``'s, taken for all matrices first,
+        so that the work can be batched: the staleness tests of the group cost one
+        host synchronisation together; the matrices to refresh go through
+        ``_refresh_batched`` (one batched SVD per shape, one synchronisation per
+        batch for the rank choice); the compact Adam update is a handful of
+        ``torch._foreach_*`` kernels for the whole group, and each weight takes
+        its update, decay included, in one GEMM (``apply_lowrank_update_``).
+        Results equal the one-matrix path up to float rounding.
+        """
+        refresh: list[_Item] = []
+        checks: list[_Item] = []
+        tracks: list[_Item] = []
+        for it in items:
+            self._init_lowrank_state(it.state)
+            if self._refresh_due(it.state, group):
+                refresh.append(it)
+            elif self._due(it.state, group["check_every"]):
+                checks.append(it)
+            elif self._due(it.state, group["track_every"]):
+                tracks.append(it)
+        if checks:
+            norms = []
+            for it in checks:
+                G = it.gradient()
+                it.R = project(G, *_projectors(it.state))
+                norms.append(torch.stack([torch.linalg.vector_norm(it.R),
+                                          torch.linalg.vector_norm(G)]))
+            for it, (r_norm, g_norm) in zip(checks, torch.stack(norms).tolist(), strict=True):
+                if self._is_stale(r_norm, g_norm, group):
+                    refresh.append(it)
+                    it.R = None
+                elif self._due(it.state, group["track_every"]):
+                    tracks.append(it)
+                    it.R = None
+        if refresh:
+            if group["backend"] in BATCHED_BACKENDS:
+                self._refresh_batched(group, refresh)
+            else:
+                for it in refresh:
+                    self._refresh(it.gradient(), it.state, group, it.index)
+        for it in tracks:
+            self._track(it.gradient(), it.state, group)
+        if group["residual"]:
+            for it in items:
+                W = _update_target(it.param)
+                self._adam_update(W, it.gradient(), it.state, group, R=it.R)
+                if W is not it.param:
+                    self._store_int8(it.param, W, it.state, group, it.index)
+        else:
+            self._foreach_adam_update(group, items)
+
+    def _foreach_adam_update(self, group: dict, items: list[_Item]) -> None:
+        """``lowrank_adam_step_`` (without the residual path) for many matrices at once."""
+        beta1, beta2 = group["betas"]
+        states = [it.state for it in items]
+        torch._foreach_add_([st["step"] for st in states], 1.0)
+        projectors, Rs, g_norms = [], [], []
+        for it in items:
+            it.state["since_refresh"] += 1
+            P, Q = _projectors(it.state)
+            G = it.gradient()
+            projectors.append((P, Q))
+            Rs.append(project(G, P, Q) if it.R is None else it.R)
+            g_norms.append(torch.linalg.vector_norm(G))
+        Ms = [st["exp_avg"] for st in states]
+        Vs = [st["exp_avg_sq"] for st in states]
+        B1s = [st["bias1"] for st in states]
+        B2s = [st["bias2"] for st in states]
+        Ns = foreach_adam_directions_(Rs, Ms, Vs, B1s, B2s, beta1=beta1, beta2=beta2,
+                                      eps=group["eps"], convention=self._convention)
+        tiny = torch.finfo(torch.float32).tiny
+        captured = torch.stack(torch._foreach_norm(Rs)) / torch.stack(g_norms).clamp_min(tiny)
+        for it, N, (P, Q), fraction in zip(items, Ns, projectors, captured.unbind(),
+                                           strict=True):
+            it.state["captured"] = fraction
+            W = _update_target(it.param)
+            apply_lowrank_update_(W, N, P, Q, lr=group["lr"],
+                                  weight_decay=group["weight_decay"], scale=group["scale"],
+                                  convention=self._convention)
+            if W is not it.param:
+                self._store_int8(it.param, W, it.state, group, it.index)
 
     @staticmethod
     def _residual_norm(state: dict, group: dict, G: torch.Tensor) -> torch.Tensor | None:
@@ -432,39 +619,93 @@ class AdaRankAdamW(Optimizer):
             state["residual_norm"] = G.new_zeros(())
         return state["residual_norm"]
 
-    def _subspace_is_stale(self, G: torch.Tensor, state: dict, group: dict,
-                           ctx: ShardContext = UNSHARDED) -> bool:
-        P, Q = _projectors(state)
-        r_norm, g_norm = ctx.projection_norms(ctx.project(G, P, Q), G, R_rows=P is None)
-        if g_norm == 0.0:
-            return False
-        return r_norm / g_norm < group["refresh_below"] or r_norm <= group["converge_tol"]
+    @staticmethod
+    def _rank_cap(group: dict, shape: tuple[int, int]) -> int:
+        return max(1, min(group["max_rank"], *shape))
+
+    @staticmethod
+    def _first_sketch(state: dict, group: dict, cap: int) -> int:
+        """Sketch width of a refresh's first attempt: the cap for a fixed rank or an
+        exact SVD, else twice the previous rank (16 at first), grown on demand."""
+        if group["rank_rule"] == "fixed" or group["backend"] == "exact":
+            return cap
+        previous = state["rank"]
+        return min(cap, max(group["min_rank"], 2 * previous if previous else 16))
+
+    @staticmethod
+    def _sketch_seed(group: dict, index: int, state: dict, sketch: int) -> int:
+        """The sketch's random stream: (seed, parameter index, refresh count, width)."""
+        return mix_seed(mix_seed(group["seed"], index, state["refreshes"]), sketch)
 
     def _refresh(self, G: torch.Tensor, state: dict, group: dict, index: int,
                  ctx: ShardContext = UNSHARDED) -> None:
         # G holds this rank's rows; the side and the cap follow the whole matrix.
-        m_local, n = G.shape
-        m = ctx.rows(G)
-        side = side_for((m, n), group["proj_type"])
-        cap = max(1, min(group["max_rank"], m, n))
-        previous = state["rank"]
-        seed = mix_seed(group["seed"], index, state["refreshes"])
+        shape = (ctx.rows(G), G.shape[1])
+        cap = self._rank_cap(group, shape)
+        sketch = self._first_sketch(state, group, cap)
         options = dict(oversample=group["oversample"], power_iters=group["power_iters"])
         rule = RANK_RULES[group["rank_rule"]]
-        if group["rank_rule"] == "fixed" or group["backend"] == "exact":
-            sketch = cap
-        else:
-            sketch = min(cap, max(group["min_rank"], 2 * previous if previous else 16))
         total_energy = ctx.fro_sq(G)
         while True:
             # Fixed-accuracy range finder: grow the sketch until η is reached.
             U, S, Vh = ctx.truncated_svd(G, sketch, group["backend"],
-                                         seed=mix_seed(seed, sketch), **options)
-            rank, satisfied = rule(S, total_energy, group, previous)
+                                         seed=self._sketch_seed(group, index, state, sketch),
+                                         **options)
+            rank, satisfied = rule(S, total_energy, group, state["rank"])
             if satisfied or sketch >= cap:
                 break
             sketch = min(2 * sketch, cap)
         rank = max(1, min(rank, cap, S.numel()))
+        self._install_subspace(state, group, U, Vh, rank, shape, G.shape[0], ctx)
+
+    def _refresh_batched(self, group: dict, items: list[_Item]) -> None:
+        """``_refresh`` for many unsharded matrices: those of one shape and sketch
+        width are stacked (at most ``REFRESH_BATCH_BYTES`` of float32 gradients at
+        once) and decomposed by one batched SVD; their singular values and
+        ‖G‖_F reach the host in one transfer, the only synchronisation of the
+        batch. Matrices whose sketch fell short of η go round again, wider."""
+        rule = RANK_RULES[group["rank_rule"]]
+        options = dict(oversample=group["oversample"], power_iters=group["power_iters"])
+        pending = []
+        for it in items:
+            cap = self._rank_cap(group, it.shape)
+            pending.append((it, cap, self._first_sketch(it.state, group, cap)))
+        while pending:
+            buckets: dict[tuple[tuple[int, int], int], list] = {}
+            for entry in pending:
+                buckets.setdefault((entry[0].shape, entry[2]), []).append(entry)
+            pending = []
+            for ((m, n), sketch), members in buckets.items():
+                per_batch = max(1, REFRESH_BATCH_BYTES // (4 * m * n))
+                for start in range(0, len(members), per_batch):
+                    batch = members[start:start + per_batch]
+                    Gs = torch.stack([it.gradient() for it, _, _ in batch])
+                    seeds = [self._sketch_seed(group, it.index, it.state, sketch)
+                             for it, _, _ in batch]
+                    U, S, Vh = truncated_svd_batched(Gs, sketch, group["backend"],
+                                                     seeds=seeds, **options)
+                    norms = torch.linalg.vector_norm(Gs, dim=(1, 2))
+                    del Gs
+                    host = torch.cat([norms[:, None], S], dim=1).cpu()
+                    for j, (it, cap, _) in enumerate(batch):
+                        total_energy = float(host[j, 0]) ** 2
+                        rank, satisfied = rule(host[j, 1:], total_energy, group,
+                                               it.state["rank"])
+                        if satisfied or sketch >= cap:
+                            rank = max(1, min(rank, cap, S.shape[1]))
+                            self._install_subspace(it.state, group, U[j], Vh[j], rank,
+                                                   it.shape, m)
+                        else:
+                            pending.append((it, cap, min(2 * sketch, cap)))
+
+    def _install_subspace(
+        self, state: dict, group: dict, U: torch.Tensor, Vh: torch.Tensor, rank: int,
+        shape: tuple[int, int], local_rows: int, ctx: ShardContext = UNSHARDED,
+    ) -> None:
+        """Make the top-``rank`` singular vectors of a refresh the subspace: align
+        signs, carry the moments over (or create them), update the counters.
+        ``shape``: the whole matrix; ``local_rows``: this rank's rows of it."""
+        side = side_for(shape, group["proj_type"])
         P_new, Q_new = projector_from_svd(U, Vh, rank, side)
         P_old, Q_old = _projectors(state)
         if self._align_signs:
@@ -472,19 +713,23 @@ class AdaRankAdamW(Optimizer):
             Q_new = None if Q_new is None else align_signs(Q_new, Q_old)
         if "exp_avg" in state:
             self._change_subspace(state, group, P_new, Q_new, ctx)
-            state["overlap"] = ctx.overlap_rows(P_old, P_new) if P_new is not None else (
-                subspace_overlap(Q_old, Q_new))
+            if ctx.sharded:
+                state["overlap"] = ctx.overlap_rows(P_old, P_new) if P_new is not None else (
+                    subspace_overlap(Q_old, Q_new))
+            else:  # a 0-d tensor: no host synchronisation
+                state["overlap"] = subspace_overlap_tensor(
+                    *((P_old, P_new) if P_new is not None else (Q_old, Q_new)))
         else:
-            # Right side: moments have G's rows (this rank's m_local of them).
-            shape = (rank if P_new is not None else m_local, rank if Q_new is not None else n)
+            # Right side: moments have G's rows (this rank's local_rows of them).
+            rows = rank if P_new is not None else local_rows
+            cols = rank if Q_new is not None else shape[1]
             moments_rows = P_new is None
-            state["exp_avg"] = self._rows_state(G.new_zeros(shape), ctx, moments_rows)
-            state["exp_avg_sq"] = self._rows_state(G.new_zeros(shape), ctx, moments_rows)
+            state["exp_avg"] = self._rows_state(U.new_zeros(rows, cols), ctx, moments_rows)
+            state["exp_avg_sq"] = self._rows_state(U.new_zeros(rows, cols), ctx, moments_rows)
             # One accumulated weight per compact coordinate (see transfer_moments).
-            weight_shape = (shape[0] if P_new is not None else 1,
-                            shape[1] if Q_new is not None else 1)
-            state["bias1"] = G.new_zeros(weight_shape)
-            state["bias2"] = G.new_zeros(weight_shape)
+            weight_shape = (rows if P_new is not None else 1, cols if Q_new is not None else 1)
+            state["bias1"] = U.new_zeros(weight_shape)
+            state["bias2"] = U.new_zeros(weight_shape)
             _set_projectors(state, group, P_new, Q_new, ctx)
         state["rank"] = rank
         if group["lazy_refresh"]:

@@ -19,7 +19,7 @@ afterwards, so callers' numpy streams are untouched.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,9 @@ __all__ = [
     "fbpca_svd",
     "mix_seed",
     "randomized_svd",
+    "randomized_svd_batched",
     "truncated_svd",
+    "truncated_svd_batched",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -183,6 +185,89 @@ BACKENDS: dict[str, Backend] = {
     "fbpca": fbpca_svd,
     "exact": exact_svd,
 }
+
+
+def randomized_svd_batched(
+    G: torch.Tensor,
+    k: int,
+    *,
+    seeds: Sequence[int | None],
+    oversample: int = 8,
+    power_iters: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``randomized_svd`` of a stack of same-shape matrices in one set of batched kernels.
+
+    Args:
+        G: (b×m×n), any floating dtype; computed in float32.
+        k: triplets wanted per matrix (clamped to ``min(m, n)``).
+        seeds: ``b`` seeds, one per matrix: matrix ``i`` is sketched with the
+            Gaussian ``randomized_svd(G[i], k, seed=seeds[i])`` draws, so the
+            result equals the one-matrix calls up to floating-point rounding
+            (batched GEMMs may sum in another order).
+        oversample, power_iters: as ``randomized_svd``.
+
+    Returns:
+        ``(U, S, Vh)``: float32 on ``G``'s device, (b×m×k), (b×k), (b×k×n).
+
+    One launch per operation for the whole stack instead of one per matrix,
+    which is what makes a refresh of many small matrices cheap on a GPU.
+    """
+    if G.ndim != 3:
+        raise ValueError(f"randomized_svd_batched: G must be 3-D (b×m×n), got {tuple(G.shape)}")
+    if len(seeds) != G.shape[0]:
+        raise ValueError(
+            f"randomized_svd_batched: got {len(seeds)} seeds for {G.shape[0]} matrices"
+        )
+    if k < 1:
+        raise ValueError(f"randomized_svd_batched: k must be >= 1, got {k}")
+    if oversample < 0 or power_iters < 0:
+        raise ValueError("randomized_svd_batched: oversample and power_iters must be >= 0")
+    A = G.to(torch.float32)
+    _, m, n = A.shape
+    transposed = m < n
+    if transposed:
+        A = A.transpose(1, 2)
+        m, n = n, m
+    k = min(k, n)
+    width = min(k + oversample, n)
+    omega = torch.stack([_gaussian(n, width, seed, A.device) for seed in seeds])
+    At = A.transpose(1, 2)
+    Q = _orth(torch.bmm(A, omega))
+    for _ in range(power_iters):
+        Z = _orth(torch.bmm(At, Q))
+        Q = _orth(torch.bmm(A, Z))
+    B = torch.bmm(Q.transpose(1, 2), A)  # b × width × n
+    Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
+    U = torch.bmm(Q, Ub[:, :, :k])
+    S = S[:, :k]
+    Vh = Vh[:, :k]
+    if transposed:
+        return Vh.transpose(1, 2).contiguous(), S, U.transpose(1, 2).contiguous()
+    return U, S, Vh
+
+
+def truncated_svd_batched(
+    G: torch.Tensor,
+    k: int,
+    backend: str = "torch",
+    *,
+    seeds: Sequence[int | None],
+    oversample: int = 8,
+    power_iters: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``truncated_svd`` of each matrix of a stack ``G`` (b×m×n): ``(U, S, Vh)`` of shapes
+    (b×m×k), (b×k), (b×k×n). ``torch`` runs ``randomized_svd_batched``, ``exact`` one
+    batched ``torch.linalg.svd``; ``fbpca`` (numpy, one matrix at a time) loops."""
+    if backend == "torch":
+        return randomized_svd_batched(G, k, seeds=seeds, oversample=oversample,
+                                      power_iters=power_iters)
+    if backend == "exact":
+        U, S, Vh = torch.linalg.svd(G.to(torch.float32), full_matrices=False)
+        k = max(1, min(k, S.shape[-1]))
+        return U[..., :k], S[..., :k], Vh[..., :k, :]
+    parts = [truncated_svd(g, k, backend, seed=seed, oversample=oversample,
+                           power_iters=power_iters) for g, seed in zip(G, seeds, strict=True)]
+    return tuple(torch.stack(xs) for xs in zip(*parts, strict=True))  # type: ignore[return-value]
 
 
 def truncated_svd(

@@ -14,6 +14,7 @@ __all__ = [
     "MOMENT_POLICIES",
     "align_signs",
     "subspace_overlap",
+    "subspace_overlap_tensor",
     "track_subspace",
     "transfer_moments",
 ]
@@ -50,8 +51,16 @@ def subspace_overlap(old: torch.Tensor | None, new: torch.Tensor | None) -> floa
     """
     if old is None or new is None:
         return float("nan")
+    return float(subspace_overlap_tensor(old, new))
+
+
+def subspace_overlap_tensor(old: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor:
+    """``subspace_overlap`` as a 0-d float32 tensor on the bases' device (no host
+    synchronisation); a CPU ``nan`` when either is missing."""
+    if old is None or new is None:
+        return torch.tensor(float("nan"))
     C = new.T @ old
-    return float(C.square().sum() / min(old.shape[1], new.shape[1]))
+    return C.square().sum() / min(old.shape[1], new.shape[1])
 
 
 def track_subspace(

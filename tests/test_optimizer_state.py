@@ -23,6 +23,9 @@ CONFIGS = {
     "qgalore": (adarank.QGaLoreAdamW, dict(rank=3, update_proj_gap=2, queue_size=2,
                                            quant_group_size=16)),
     "adarank-int4": (adarank.AdaRankAdamW, dict(update_gap=3, proj_bits=4, proj_group_size=8)),
+    "adarank-stagger": (adarank.AdaRankAdamW, dict(update_gap=4, stagger=2, check_every=3)),
+    "adarank-one-at-a-time": (adarank.AdaRankAdamW,
+                              dict(update_gap=4, track_every=2, check_every=3, foreach=False)),
 }
 
 
