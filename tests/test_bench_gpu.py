@@ -47,13 +47,22 @@ def _run(tmp_path: Path, argv: str) -> tuple[dict, dict]:
     return report, json.loads(out.read_text())
 
 
+def _available() -> list[str]:
+    """The rows a run gives here: the reference GaLore only where its package imports."""
+    have_reference = bench.reference_galore() is not None
+    return [n for n in bench.OPTIMIZERS if n != "GaLore-reference" or have_reference]
+
+
 def _check_report(report: dict, saved: dict, *, smaller_state: bool = True) -> None:
     assert saved == json.loads(json.dumps(report))
-    assert set(report) == {"config", "environment", "results"}
+    assert set(report) == {"config", "environment", "results", "skipped"}
     results = report["results"]
-    assert list(results) == list(bench.OPTIMIZERS)
+    assert list(results) == _available()
+    assert set(report["skipped"]) == set(bench.OPTIMIZERS) - set(results)
     for name, r in results.items():
-        expected = RESULT_KEYS | (LOWRANK_KEYS if name != "AdamW" else set())
+        # Ranks and refresh counts come from adarank's accounting, which the others lack.
+        ours = name not in ("AdamW", "GaLore-reference")
+        expected = RESULT_KEYS | (LOWRANK_KEYS if ours else set())
         assert set(r) == expected, name
         assert set(r["ratios"]) == set(bench.RATIO_KEYS)
         for key in ("step_s", "optimizer_step_s", "refresh_s", "avg_step_s", "tokens_per_s"):
@@ -63,7 +72,7 @@ def _check_report(report: dict, saved: dict, *, smaller_state: bool = True) -> N
     assert all(v == 1.0 for v in ratios.values() if v is not None), ratios
     adamw_state = results["AdamW"]["state_bytes"]["total"]
     rank = report["config"]["rank"]
-    for name in ("GaLoreAdamW", "AdaRankAdamW"):
+    for name in ("GaLoreAdamW", "AdaRankAdamW", "AdaRankAdamW-loop"):
         r = results[name]
         if smaller_state:
             assert r["state_bytes"]["total"] < adamw_state, name
@@ -88,9 +97,40 @@ def test_tiny_cpu_benchmark_reports_ratios_to_adamw_and_smaller_lowrank_state(
         assert r["ratios"]["peak_bytes"] is None
     assert report["results"]["AdamW"]["ratios"]["step_s"] == 1.0
     table = capsys.readouterr().out
-    for name in bench.OPTIMIZERS:
+    for name in _available():
         assert f"| {name} |" in table
     assert "n/a on the CPU" in table
+    assert "fast paths vs one matrix at a time" in table
+    # Same decisions on both paths: the same ranks.
+    results = report["results"]
+    assert results["AdaRankAdamW"]["ranks"] == results["AdaRankAdamW-loop"]["ranks"]
+
+
+def test_missing_reference_package_is_skipped_with_a_note(
+    tmp_path: Path, restore_threads: None, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench, "reference_galore", lambda: None)
+    argv = ("--model tiny --device cpu --batch 1 --seq-len 16 --vocab 256 --steps 1 "
+            "--warmup 0 --threads 1 --optimizers GaLore-reference")
+    report, _ = _run(tmp_path, argv)
+    assert list(report["results"]) == ["AdamW"]
+    assert "galore-torch" in report["skipped"]["GaLore-reference"]
+    assert "Skipped GaLore-reference" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(bench.reference_galore() is None, reason="galore-torch is not installed")
+def test_reference_galore_row_matches_our_galore_state_and_refreshes(
+    tmp_path: Path, restore_threads: None
+) -> None:
+    """The reference package's state (moments and projectors kept in its projector objects)
+    is counted like ours: at the same rank both hold the same number of bytes."""
+    argv = ("--model tiny --device cpu --batch 1 --seq-len 16 --vocab 256 --steps 1 "
+            "--warmup 0 --threads 1 --optimizers GaLore-reference,GaLoreAdamW")
+    report, _ = _run(tmp_path, argv)
+    ref, ours = report["results"]["GaLore-reference"], report["results"]["GaLoreAdamW"]
+    assert ref["state_bytes"]["projectors"] == ours["state_bytes"]["projectors"] > 0
+    assert ref["state_bytes"]["moments"] == ours["state_bytes"]["moments"]
 
 
 def test_optimizers_subset_always_runs_adamw_first() -> None:
