@@ -9,7 +9,8 @@ Public API:
 - ``param_groups(model)``: a low-rank group of linear weights and a plain group.
 - ``quantize_linears(model)``: INT8 linear layers (``Int8Linear``) for Q-GaLore.
 - ``layerwise(model, factory)``: step each parameter in its gradient hook.
-- ``randomized_svd``, ``energy_rank``: the numerical building blocks.
+- ``randomized_svd`` (and ``randomized_svd_batched``), ``energy_rank``: the
+  numerical building blocks.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .layerwise import LayerwiseOptimizer, layerwise
 from .optimizer import LOWRANK_DEFAULTS, AdaRankAdamW, GaLoreAdamW, QGaLoreAdamW
 from .quant import Int8Linear, quantize_linears
 from .rank import energy_rank
-from .rsvd import randomized_svd, truncated_svd
+from .rsvd import randomized_svd, randomized_svd_batched, truncated_svd
 
 __version__ = "0.1.0"
 
@@ -35,5 +36,6 @@ __all__ = [
     "param_groups",
     "quantize_linears",
     "randomized_svd",
+    "randomized_svd_batched",
     "truncated_svd",
 ]

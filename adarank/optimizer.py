@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.adamw import adamw
 
 from .distributed import (
     UNSHARDED,
@@ -361,6 +362,7 @@ class AdaRankAdamW(Optimizer):
             # shard and every rank must skip (and issue the same collectives).
             finite = finite_flags([local_tensor(_grad(p)) for _, p in with_grad], contexts)
             fast: list[_Item] = []
+            plain: list[torch.Tensor] = []  # float32 AdamW parameters for torch's kernels
             first: list[torch.Tensor] = []  # low-rank parameters without a subspace yet
             for (i, p), ok, ctx in zip(with_grad, finite, contexts, strict=True):
                 state = self.state[p]
@@ -378,6 +380,10 @@ class AdaRankAdamW(Optimizer):
                     if group["foreach"] and not ctx.sharded:
                         fast.append(_Item(i, p, state))
                         continue
+                elif (group["foreach"] and not ctx.sharded and self._convention == "torch"
+                      and p.dtype == torch.float32 and not is_int8_weight(p)):
+                    plain.append(p)
+                    continue
                 # An INT8 weight is updated through its float32 dequantisation.
                 target = _update_target(p)
                 if group["lowrank"] and p.ndim >= 2:
@@ -388,6 +394,8 @@ class AdaRankAdamW(Optimizer):
                     self._store_int8(p, target, state, group, i)
             if fast:
                 self._lowrank_group_step(group, fast)
+            if plain:
+                self._plain_group_step(group, plain)
             if group["stagger"] > 1:
                 for p in first:
                     if "exp_avg" in self.state[p]:
@@ -436,8 +444,25 @@ class AdaRankAdamW(Optimizer):
                     else:
                         p.weight_grad.zero_()
 
-    def _plain_param_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict,
-                          group: dict) -> None:
+    def _plain_group_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        """AdamW on float32 parameters through torch's own multi-tensor kernel (fused on
+        the CPU, foreach elsewhere, where the steps would have to live on the device for
+        the fused one): the ``torch`` convention is ``torch.optim.AdamW``'s update."""
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states, strict=True):
+            self._init_plain_state(p, state)
+        beta1, beta2 = group["betas"]
+        on_cpu = all(p.device.type == "cpu" for p in params)
+        adamw(
+            params, [p.grad for p in params], [st["exp_avg"] for st in states],
+            [st["exp_avg_sq"] for st in states], [], [st["step"] for st in states],
+            foreach=not on_cpu, fused=on_cpu or None, amsgrad=False, beta1=beta1, beta2=beta2,
+            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+            maximize=False,
+        )
+
+    @staticmethod
+    def _init_plain_state(p: torch.Tensor, state: dict) -> None:
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
             # Like p, dtype included (as torch.optim.AdamW); under FSDP2 DTensors of
@@ -445,6 +470,10 @@ class AdaRankAdamW(Optimizer):
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
             state.setdefault("nonfinite_skips", 0)
+
+    def _plain_param_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict,
+                          group: dict) -> None:
+        self._init_plain_state(p, state)
         state["step"] += 1
         beta1, beta2 = group["betas"]
         adam_step_(
@@ -903,7 +932,10 @@ class AdaRankAdamW(Optimizer):
                 p = by_id[pid]
                 for key, value in st.items():
                     if isinstance(value, torch.Tensor):
-                        self.state[p][key] = value.to(device=p.device, copy=True)
+                        # ``step`` stays on the CPU, where a fresh state creates it (the
+                        # foreach path updates all of a group's steps in one call).
+                        device = "cpu" if key == "step" else p.device
+                        self.state[p][key] = value.to(device=device, copy=True)
 
     @staticmethod
     def _check_state_fits(p: torch.Tensor, st: dict, group: dict, name: str) -> None:
