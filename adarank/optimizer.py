@@ -614,12 +614,15 @@ class AdaRankAdamW(Optimizer):
         beta1, beta2 = group["betas"]
         states = [it.state for it in items]
         torch._foreach_add_([st["step"] for st in states], 1.0)
+        # Float32 projectors are the stored tensors; quantised ones are dequantised
+        # again below rather than kept, which would hold a float32 copy of all at once.
+        keep = group["proj_bits"] == 32
         projectors, Rs, g_norms = [], [], []
         for it in items:
             it.state["since_refresh"] += 1
             P, Q = _projectors(it.state)
             G = it.gradient()
-            projectors.append((P, Q))
+            projectors.append((P, Q) if keep else None)
             Rs.append(project(G, P, Q) if it.R is None else it.R)
             g_norms.append(torch.linalg.vector_norm(G))
         Ms = [st["exp_avg"] for st in states]
@@ -630,9 +633,9 @@ class AdaRankAdamW(Optimizer):
                                       eps=group["eps"], convention=self._convention)
         tiny = torch.finfo(torch.float32).tiny
         captured = torch.stack(torch._foreach_norm(Rs)) / torch.stack(g_norms).clamp_min(tiny)
-        for it, N, (P, Q), fraction in zip(items, Ns, projectors, captured.unbind(),
-                                           strict=True):
+        for it, N, PQ, fraction in zip(items, Ns, projectors, captured.unbind(), strict=True):
             it.state["captured"] = fraction
+            P, Q = PQ if PQ is not None else _projectors(it.state)
             W = _update_target(it.param)
             apply_lowrank_update_(W, N, P, Q, lr=group["lr"],
                                   weight_decay=group["weight_decay"], scale=group["scale"],
