@@ -1,4 +1,9 @@
-"""Training-step benchmark: AdamW vs GaLoreAdamW vs AdaRankAdamW on a whole LLaMA-shaped decoder.
+"""Training-step benchmark: AdamW vs GaLore (the reference package and ours) vs AdaRankAdamW
+(with its multi-tensor fast paths and one matrix at a time) on a whole LLaMA-shaped decoder.
+
+Rows (``DESCRIPTIONS``): ``GaLore-reference`` needs ``galore_torch`` (``pip install --no-deps
+galore-torch`` plus transformers and bitsandbytes) and is skipped, with a note, where it does
+not import; its forced refresh sets its projectors' own ``update_proj_gap``.
 
 Where ``bench_optimizer`` times the optimizer step alone on synthetic gradients, this script
 trains `experiments.model.Decoder` (random token batches, no data loading; vocabulary 32000 by
