@@ -97,29 +97,9 @@ def randomized_svd(
         raise ValueError(f"randomized_svd: k must be >= 1, got {k}")
     if oversample < 0 or power_iters < 0:
         raise ValueError("randomized_svd: oversample and power_iters must be >= 0")
-    A = G.to(torch.float32)
-    m, n = A.shape
-    transposed = m < n
-    if transposed:
-        # Work on the tall orientation: the range of Aᵀ is the row space of G.
-        A = A.T
-        m, n = n, m
-    k = min(k, n)
-    width = min(k + oversample, n)
-    omega = _gaussian(n, width, seed, A.device)
-    Q = _orth(A @ omega)
-    for _ in range(power_iters):
-        Z = _orth(A.T @ Q)
-        Q = _orth(A @ Z)
-    B = Q.T @ A  # width × n
-    Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
-    U = Q @ Ub[:, :k]
-    S = S[:k]
-    Vh = Vh[:k]
-    if transposed:
-        # G = Aᵀ = V S Uᵀ: swap the roles back.
-        return Vh.T.contiguous(), S, U.T.contiguous()
-    return U, S, Vh
+    U, S, Vh = randomized_svd_batched(G[None], k, seeds=[seed], oversample=oversample,
+                                      power_iters=power_iters)
+    return U[0], S[0], Vh[0]
 
 
 def fbpca_svd(
@@ -170,12 +150,12 @@ def exact_svd(
     """Top-``k`` of the full ``torch.linalg.svd`` of float32 ``G`` (GaLore's choice).
 
     ``oversample``, ``power_iters`` and ``seed`` are accepted and ignored, so all
-    backends share one signature.
+    backends share one signature. A stack (b×m×n) gives stacked results.
     """
     del oversample, power_iters, seed
     U, S, Vh = torch.linalg.svd(G.to(torch.float32), full_matrices=False)
-    k = max(1, min(k, S.shape[0]))
-    return U[:, :k], S[:k], Vh[:k]
+    k = max(1, min(k, S.shape[-1]))
+    return U[..., :k], S[..., :k], Vh[..., :k, :]
 
 
 Backend = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -201,9 +181,10 @@ def randomized_svd_batched(
         G: (b×m×n), any floating dtype; computed in float32.
         k: triplets wanted per matrix (clamped to ``min(m, n)``).
         seeds: ``b`` seeds, one per matrix: matrix ``i`` is sketched with the
-            Gaussian ``randomized_svd(G[i], k, seed=seeds[i])`` draws, so the
-            result equals the one-matrix calls up to floating-point rounding
-            (batched GEMMs may sum in another order).
+            Gaussian ``randomized_svd(G[i], k, seed=seeds[i])`` draws (that call
+            is this function on a stack of one), so the result equals the
+            one-matrix calls up to floating-point rounding (batched GEMMs may
+            sum in another order).
         oversample, power_iters: as ``randomized_svd``.
 
     Returns:
@@ -262,9 +243,7 @@ def truncated_svd_batched(
         return randomized_svd_batched(G, k, seeds=seeds, oversample=oversample,
                                       power_iters=power_iters)
     if backend == "exact":
-        U, S, Vh = torch.linalg.svd(G.to(torch.float32), full_matrices=False)
-        k = max(1, min(k, S.shape[-1]))
-        return U[..., :k], S[..., :k], Vh[..., :k, :]
+        return exact_svd(G, k)  # torch.linalg.svd takes stacks as they are
     parts = [truncated_svd(g, k, backend, seed=seed, oversample=oversample,
                            power_iters=power_iters) for g, seed in zip(G, seeds, strict=True)]
     return tuple(torch.stack(xs) for xs in zip(*parts, strict=True))  # type: ignore[return-value]

@@ -49,8 +49,6 @@ def subspace_overlap(old: torch.Tensor | None, new: torch.Tensor | None) -> floa
     1 when one subspace contains the other, ``≈ r/d`` for random subspaces of
     dimension r in R^d, 0 when orthogonal. ``nan`` when either is missing.
     """
-    if old is None or new is None:
-        return float("nan")
     return float(subspace_overlap_tensor(old, new))
 
 
