@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
@@ -62,7 +61,13 @@ from tqdm import tqdm
 import adarank
 
 # Shared with the optimizer-only benchmark.
-from experiments.bench_optimizer import _lowrank_groups, _rank_summary, _sync, tensor_state_bytes
+from experiments.bench_optimizer import (
+    _lowrank_groups,
+    _rank_summary,
+    _sync,
+    emit,
+    tensor_state_bytes,
+)
 from experiments.model import CONFIGS, PAPER_RANKS, Decoder, ModelConfig, get_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -723,10 +728,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point; returns the report it printed (and wrote, with ``--json``)."""
     args = parse_args(argv)
     report = run(args)
-    print(format_table(report))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    emit(report, format_table(report), args.json)
     return report
 
 

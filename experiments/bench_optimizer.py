@@ -492,14 +492,19 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def emit(report: dict[str, Any], table: str, path: Path | None) -> None:
+    """Print a benchmark's table and, when ``path`` is given, write its report there as JSON."""
+    print(table)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point; returns the report it printed (and wrote, with ``--json``)."""
     args = parse_args(argv)
     report = run(args)
-    print(format_table(report))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    emit(report, format_table(report), args.json)
     return report
 
 
