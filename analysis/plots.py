@@ -448,14 +448,28 @@ def captured_figure(log: SpectrumLog) -> Figure:
     return fig
 
 
+def _comparison_inputs(
+    logs: Sequence[SpectrumLog], labels: Sequence[str] | None, measure: str | None
+) -> tuple[list[str], str]:
+    """Check every log has records; the runs' labels and the measure (defaults from the logs)."""
+    for log in logs:
+        _check_records(log)
+    labels = list(labels) if labels else [log.label for log in logs]
+    return labels, measure or default_measure(logs[0])
+
+
+def _plot_run(ax: Axes, log: SpectrumLog, index: int, y: np.ndarray, label: str,
+              linewidth: float = 1.8) -> list:
+    """Run number ``index``'s line in a comparison: its colour and its log's markers."""
+    return ax.plot(log.steps, y, linewidth=linewidth, label=label,
+                   color=_RUN_COLORS[index % len(_RUN_COLORS)], **_marker(log))
+
+
 def comparison_figure(
     logs: Sequence[SpectrumLog], *, labels: Sequence[str] | None = None, measure: str | None = None
 ) -> Figure:
     """Several runs on the same axes: gradient rank, optimizer rank, captured norm, loss."""
-    for log in logs:
-        _check_records(log)
-    labels = list(labels) if labels else [log.label for log in logs]
-    measure = measure or default_measure(logs[0])
+    labels, measure = _comparison_inputs(logs, labels, measure)
     fig = Figure(figsize=(13, 8.5), layout="constrained")
     axes = fig.subplots(2, 2)
     panels = (
@@ -467,8 +481,7 @@ def comparison_figure(
         drawn = False
         for index, (log, label) in enumerate(zip(logs, labels, strict=True)):
             if _has(log, quantity):
-                ax.plot(log.steps, _nanmean(log.stack(quantity)), linewidth=1.8, label=label,
-                        color=_RUN_COLORS[index % len(_RUN_COLORS)], **_marker(log))
+                _plot_run(ax, log, index, _nanmean(log.stack(quantity)), label)
                 drawn = True
         _style(ax, "step", measure_label(quantity), title)
         if drawn:
@@ -483,8 +496,7 @@ def comparison_figure(
     for index, (log, label) in enumerate(zip(logs, labels, strict=True)):
         loss = log.scalars.get("loss")
         if loss is not None and np.isfinite(loss).any():
-            ax.plot(log.steps, loss, linewidth=1.8, label=label,
-                    color=_RUN_COLORS[index % len(_RUN_COLORS)], **_marker(log))
+            _plot_run(ax, log, index, loss, label)
     _style(ax, "step", "training loss", "training loss at the logged steps")
     if ax.lines:
         ax.legend(fontsize=9)
@@ -496,10 +508,7 @@ def comparison_by_type_figure(
     logs: Sequence[SpectrumLog], *, labels: Sequence[str] | None = None, measure: str | None = None
 ) -> Figure:
     """One panel per layer type, each run a line: ``measure`` mean over that type's layers."""
-    for log in logs:
-        _check_records(log)
-    labels = list(labels) if labels else [log.label for log in logs]
-    measure = measure or default_measure(logs[0])
+    labels, measure = _comparison_inputs(logs, labels, measure)
     kinds = sorted({k for log in logs for k in _types(log)}, key=type_sort_key)
     columns = min(4, len(kinds))
     rows = -(-len(kinds) // columns)
@@ -509,8 +518,8 @@ def comparison_by_type_figure(
         for index, (log, label) in enumerate(zip(logs, labels, strict=True)):
             names = _types(log).get(kind)
             if names:
-                ax.plot(log.steps, _nanmean(log.stack(measure, names)), linewidth=1.6, label=label,
-                        color=_RUN_COLORS[index % len(_RUN_COLORS)], **_marker(log))
+                _plot_run(ax, log, index, _nanmean(log.stack(measure, names)), label,
+                          linewidth=1.6)
         _style(ax, "step", measure_label(measure), f"type {kind}")
         ax.set_ylim(bottom=0)
     axes[0].legend(fontsize=8)
