@@ -26,6 +26,9 @@ Outputs in ``--out`` (default ``results/<model>_<optimizer>``):
   (``val_loss``, ``val_ppl``, ``state_bytes``, ``peak_memory_bytes``, ``ranks``), and a ``final``
   line that repeats ``summary.json``.
 - ``spectrum.jsonl``: the `analysis.SpectrumLogger` log (when ``spectrum_every`` > 0).
+- ``spectrum_ema.jsonl``: with ``spectrum_ema`` = β > 0, the same log at the same steps for the
+  bias-corrected exponential moving average of the raw gradient, Ĝ_t = EMA_β(G)/(1 − βᵗ): the
+  gradient's signal with most of the mini-batch sampling noise averaged out (the rank study).
 - ``ckpt.pt``: model, optimizer, scheduler, sampler position and RNG state, every
   ``ckpt_every`` steps; ``torch.load(..., weights_only=True)`` reads it.
 
@@ -43,6 +46,7 @@ compares optimizers only by its differences.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -51,7 +55,7 @@ import resource
 import sys
 import time
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +132,12 @@ class TrainConfig:
     )
     ckpt_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
     spectrum_every: int = field(default=25, metadata={"help": "steps between spectra (0: off)"})
+    spectrum_ema: float = field(
+        default=0.0,
+        metadata={
+            "help": "β of a gradient moving average also logged (spectrum_ema.jsonl; 0: off)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of weights, batches and sketches"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 (weights)"})
@@ -167,6 +177,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
         if c.spectrum_every < 0 or c.warmup_steps < 0:
             raise ValueError("spectrum_every and warmup_steps must be >= 0")
+        if not 0.0 <= c.spectrum_ema < 1.0:
+            raise ValueError(f"spectrum_ema must be in [0, 1) (0: off), got {c.spectrum_ema}")
+        if c.spectrum_ema > 0 and c.spectrum_every <= 0:
+            raise ValueError("spectrum_ema needs spectrum_every > 0 (it logs at the same steps)")
         if c.eval_windows is not None and c.eval_windows < 1:
             raise ValueError(f"eval_windows must be >= 1 or none, got {c.eval_windows}")
         if not 0.0 <= c.min_lr_ratio <= 1.0:
@@ -359,9 +373,14 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def _make_spectrum_logger(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, c: TrainConfig, resume: bool
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    c: TrainConfig,
+    resume: bool,
+    *,
+    ema: bool = False,
 ) -> Any:
-    if c.spectrum_every <= 0:
+    if c.spectrum_every <= 0 or (ema and c.spectrum_ema <= 0):
         return None
     try:
         from analysis.hooks import SpectrumLogger
@@ -370,11 +389,11 @@ def _make_spectrum_logger(
         return None
     return SpectrumLogger(
         model,
-        Path(c.out) / "spectrum.jsonl",
+        Path(c.out) / ("spectrum_ema.jsonl" if ema else "spectrum.jsonl"),
         every=c.spectrum_every,
         optimizer=optimizer,
         seed=c.seed,
-        run_name=f"{c.model}-{c.optimizer}",
+        run_name=f"{c.model}-{c.optimizer}" + (f"-ema{c.spectrum_ema:g}" if ema else ""),
         resume=resume,
         meta={
             "model": c.model,
@@ -383,8 +402,48 @@ def _make_spectrum_logger(
             "lr": c.lr,
             "schedule": "linear warm-up + cosine",
             "data": "shakespeare",
+            "tokens_per_step": c.batch_size * c.seq_len * c.grad_accum,
+            "measured": f"gradient EMA, beta={c.spectrum_ema:g}" if ema else "gradient",
         },
     )
+
+
+class GradientEMA:
+    """Ĝ = EMA_β(G) / (1 − βᵗ) of the named weights' raw gradients, for the spectrum log.
+
+    ``update()`` after each step's last backward; ``swapped()`` puts Ĝ into ``.grad`` for the
+    duration of a logger's ``record`` and puts the real gradients back afterwards.
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], beta: float) -> None:
+        self.params, self.beta, self.count = params, beta, 0
+        self.average = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+
+    def update(self) -> None:
+        self.count += 1
+        for name, p in self.params.items():
+            if p.grad is not None:
+                self.average[name].lerp_(p.grad.float(), 1.0 - self.beta)
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        saved = {name: p.grad for name, p in self.params.items()}
+        correction = 1.0 - self.beta**self.count
+        try:
+            for name, p in self.params.items():
+                p.grad = (self.average[name] / correction).to(p.dtype)
+            yield
+        finally:
+            for name, p in self.params.items():
+                p.grad = saved[name]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "average": dict(self.average)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = int(state["count"])
+        for name, value in state["average"].items():
+            self.average[name].copy_(value)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -527,6 +586,13 @@ def train(c: TrainConfig) -> dict[str, Any]:
             }
         )
     spectrum = _make_spectrum_logger(model, optimizer, c, resume=resuming)
+    spectrum_ema = _make_spectrum_logger(model, optimizer, c, resume=resuming, ema=True)
+    gradient_ema = None
+    if spectrum_ema is not None:
+        named = dict(model.named_parameters())
+        gradient_ema = GradientEMA({n: named[n] for n in spectrum_ema.layer_names}, c.spectrum_ema)
+        if resuming:
+            gradient_ema.load_state_dict(ckpt["gradient_ema"])
     tokens_per_step = c.batch_size * c.seq_len * c.grad_accum
 
     def evaluate(step: int) -> dict[str, Any]:
@@ -577,6 +643,10 @@ def train(c: TrainConfig) -> dict[str, Any]:
             paused = time.perf_counter()
             if spectrum is not None:
                 spectrum.record(step, loss=loss_sum, force=step == c.steps - 1)
+            if gradient_ema is not None:
+                gradient_ema.update()
+                with gradient_ema.swapped():
+                    spectrum_ema.record(step, loss=loss_sum, force=step == c.steps - 1)
             resumed = time.perf_counter()
             if c.grad_clip > 0:
                 clip_grad_norm_(model.parameters(), c.grad_clip)
@@ -619,6 +689,11 @@ def train(c: TrainConfig) -> dict[str, Any]:
                         "scheduler": scheduler.state_dict(),
                         "sampler": sampler.state_dict(),
                         "rng": _rng_state(device),
+                        **(
+                            {"gradient_ema": gradient_ema.state_dict()}
+                            if gradient_ema is not None
+                            else {}
+                        ),
                         "train_seconds": train_seconds,
                         "tokens": tokens,
                         "metrics_offset": metrics.offset(),
@@ -632,6 +707,8 @@ def train(c: TrainConfig) -> dict[str, Any]:
         bar.close()
         if spectrum is not None:
             spectrum.close()
+        if spectrum_ema is not None:
+            spectrum_ema.close()
 
     summary = {
         "kind": "final",

@@ -186,3 +186,63 @@ def test_run_killed_mid_way_resumes_to_the_uninterrupted_result(
     for name, tensor in want["model"].items():
         assert torch.equal(got["model"][name], tensor), name
     assert got["optimizer"]["state"].keys() == want["optimizer"]["state"].keys()
+
+
+def test_gradient_ema_equals_the_bias_corrected_average_and_restores_grads() -> None:
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.zeros(3, 4))
+    ema = pretrain.GradientEMA({"w": weight}, beta=0.8)
+    grads = [torch.randn(3, 4, dtype=torch.float64) for _ in range(5)]
+    for g in grads:
+        weight.grad = g.float()
+        ema.update()
+    # Closed form: Σ_t (1−β) β^{T−t} G_t / (1 − β^T), in float64.
+    want = sum(0.2 * 0.8 ** (4 - t) * g for t, g in enumerate(grads)) / (1 - 0.8**5)
+    last = weight.grad
+    with ema.swapped():
+        torch.testing.assert_close(weight.grad.double(), want, rtol=1e-6, atol=1e-6)
+    assert weight.grad is last
+
+
+def _spectrum_records(path: Path) -> dict[tuple[int, str], dict[str, Any]]:
+    """(step, layer) -> the logged quantities, without wall times."""
+    out = {}
+    for line in _lines(path):
+        if line["kind"] == "record":
+            for layer, values in line["layers"].items():
+                out[(line["step"], layer)] = values
+    return out
+
+
+def test_spectrum_ema_log_is_written_and_survives_a_resume(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = ("--optimizer", "adamw", "--steps", "6", "--spectrum-every", "2",
+             "--spectrum-ema", "0.9", "--ckpt-every", "2", "--eval-every", "4")  # fmt: skip
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert pretrain.main(_tiny_args(cache, whole, *extra)) == 0
+    header = _lines(whole / "spectrum_ema.jsonl")[0]
+    assert header["meta"]["measured"] == "gradient EMA, beta=0.9"
+    plain = _spectrum_records(whole / "spectrum.jsonl")
+    ema = _spectrum_records(whole / "spectrum_ema.jsonl")
+    assert plain.keys() == ema.keys() and {step for step, _ in ema} == {0, 2, 4, 5}
+    for (step, layer), values in ema.items():
+        same = values["fro_norm"] == pytest.approx(plain[(step, layer)]["fro_norm"], rel=1e-5)
+        # At step 0 the bias-corrected average is the gradient itself; later it is not.
+        assert same == (step == 0), (step, layer)
+
+    # Crash in the 5th update (after the checkpoint of step 4), then resume.
+    real_update = pretrain.GradientEMA.update
+
+    def crash_at_five(self: pretrain.GradientEMA) -> None:
+        if self.count == 4:
+            raise RuntimeError("simulated crash")
+        real_update(self)
+
+    monkeypatch.setattr(pretrain.GradientEMA, "update", crash_at_five)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain.main(_tiny_args(cache, cut, *extra))
+    assert torch.load(cut / pretrain.CHECKPOINT, weights_only=True)["gradient_ema"]["count"] == 4
+    monkeypatch.setattr(pretrain.GradientEMA, "update", real_update)
+    assert pretrain.main(_tiny_args(cache, cut, *extra, "--resume")) == 0
+    assert _spectrum_records(cut / "spectrum_ema.jsonl") == ema
