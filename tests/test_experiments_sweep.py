@@ -51,7 +51,7 @@ def test_report_gives_mean_and_sample_std_over_seeds_and_state_ratio(tmp_path: P
     ppl = {"adamw": [30.0, 31.0, 32.5], "adarank": [29.0, 29.5, 31.0]}
     for arm, values in ppl.items():
         lr = sweep.best_lrs(tmp_path)[arm]
-        for seed, value in zip(sweep.SEEDS, values):
+        for seed, value in zip(sweep.SEEDS, values, strict=True):
             states = [400, 400] if arm == "adamw" else [100, 140]
             _finish(sweep.Run("seeds", arm, lr, seed, sweep.SEED_STEPS), tmp_path, value, states)
     rows = {r["arm"]: r for r in sweep.report(tmp_path)["seeds"]}
