@@ -59,9 +59,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .projector import project
-from .rsvd import _gaussian, mix_seed, truncated_svd
-from .subspace import align_signs, subspace_overlap, track_subspace
+from .rows import LOCAL, RowOps, all_finite
+from .rsvd import _gaussian, mix_seed
+from .subspace import align_signs, subspace_overlap
 
 try:
     from torch.distributed.tensor import DTensor
@@ -645,156 +645,123 @@ def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class ShardContext:
-    """How one parameter's rows are split across ranks, and the reductions that follow.
+    """``rows.RowOps`` of a parameter whose rows are split across ranks (FSDP2).
 
-    ``AdaRankAdamW`` builds one per parameter per step (``ShardContext.of(p)``)
-    and routes every operation that touches a whole matrix through it. Operands
-    named "rows" are split by rows like the parameter: the gradient G (m×n), a
-    left projector P (m×r), right-side moments (m×r), G's residual S; the others
-    (Q, a left projection R = PᵀG, left moments) are replicated.
-
-    - ``UNSHARDED`` (a plain tensor: one process, or DDP, where every rank holds
-      the whole averaged gradient): each method is exactly the single-process
-      computation (the functions of ``projector.py``, ``subspace.py``,
-      ``rsvd.py``), no communication.
-    - A DTensor sharded on dim 0 (FSDP2's ``fully_shard``): each method works on
-      this rank's rows and all-reduces small matrices over ``group`` (the
-      ``sharded_*`` functions of this module); results are replicated where the
-      unsharded result is a small matrix or a number, so decisions taken from
-      them agree on every rank.
+    ``AdaRankAdamW`` takes one per parameter per step (``ShardContext.of(p)``; a plain
+    tensor gets ``rows.LOCAL``, the single-process operations, also reachable here as
+    ``UNSHARDED``). Operands named "rows" are split by rows like the parameter: the
+    gradient G (m×n), a left projector P (m×r), right-side moments (m×r), G's residual
+    S; the others (Q, a left projection R = PᵀG, left moments) are replicated. Each
+    method works on this rank's rows and all-reduces small matrices over ``group`` (the
+    ``sharded_*`` functions of this module); results are replicated where the
+    unsharded result is a small matrix or a number, so decisions taken from them agree
+    on every rank. Batches hold one matrix.
 
     Attributes:
-        group: process group of the shard dimension (``None`` when unsharded).
-        layout: ``(row_offset, total_rows)`` of this rank's block, ``None`` when
-            unsharded.
+        group: process group of the shard dimension.
+        layout: ``(row_offset, total_rows)`` of this rank's block.
         mesh, placements: the parameter's device mesh and placements, for
             storing row-sharded state as DTensors (``wrap_rows``).
     """
 
-    group: dist.ProcessGroup | None = None
-    layout: tuple[int, int] | None = None
+    group: dist.ProcessGroup | None
+    layout: tuple[int, int]
     mesh: Any = None
     placements: tuple[Any, ...] = ()
 
+    sharded = True
+
     @classmethod
-    def of(cls, p: torch.Tensor) -> ShardContext:
-        """The context of parameter ``p`` (``UNSHARDED`` for a plain tensor); no communication."""
+    def of(cls, p: torch.Tensor) -> RowOps:
+        """The row operations of parameter ``p`` (``UNSHARDED`` for a plain tensor)."""
         if not is_dtensor(p):
             return UNSHARDED
         group, layout = row_shard_info(p)
         return cls(group, layout, p.device_mesh, tuple(p.placements))
 
-    @property
-    def sharded(self) -> bool:
-        return self.layout is not None
-
     def rows(self, G: torch.Tensor) -> int:
-        """Rows m of the whole matrix whose block (or whole) is ``G``."""
-        return self.layout[1] if self.layout is not None else G.shape[0]
+        return self.layout[1]
 
     def wrap_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Row-sharded state as a DTensor of the parameter's mesh and placements
-        (global rows m), so ``torch.distributed.checkpoint`` writes each rank's
-        rows; ``t`` itself when unsharded."""
-        if self.layout is None:
-            return t
+        (global rows m), so ``torch.distributed.checkpoint`` writes each rank's rows."""
         shape = (self.layout[1], *t.shape[1:])
         return DTensor.from_local(t, self.mesh, self.placements, run_check=False,
                                   shape=torch.Size(shape), stride=_contiguous_stride(shape))
 
-    # -------------------------------------------------------- reductions
-
     def fro_sq(self, G: torch.Tensor) -> float:
         """``‖G‖_F²`` (replicated)."""
-        if self.layout is None:
-            return float(torch.linalg.vector_norm(G, dtype=torch.float32)) ** 2
         return float(sharded_fro_sq(G, self.group))
 
+    def fro_norms(self, Gs: torch.Tensor) -> torch.Tensor:
+        return torch.stack([sharded_fro_sq(G, self.group).sqrt() for G in Gs])
+
     def norm(self, x: torch.Tensor, rows: bool = False) -> torch.Tensor:
-        """``‖x‖_F`` as a 0-d tensor; ``rows``: x is split by rows (summed over ranks)."""
-        if self.layout is None or not rows:
+        if not rows:
             return torch.linalg.vector_norm(x)
         total = x.to(torch.float32).square().sum().reshape(1)
         return all_reduce_(total, self.group, "norm")[0].sqrt()
 
     def projection_norms(
         self, R: torch.Tensor, G: torch.Tensor, *, R_rows: bool
-    ) -> tuple[float, float]:
-        """``(‖R‖_F, ‖G‖_F)`` as floats. ``R_rows``: R has G's rows (the right
-        projection GQ); a left one (PᵀG, PᵀGQ) is replicated."""
-        if self.layout is None:
-            return float(torch.linalg.vector_norm(R)), float(torch.linalg.vector_norm(G))
-        r_norm, g_norm = sharded_projection_norms(R, G, R_sharded=R_rows, group=self.group)
-        return float(r_norm), float(g_norm)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return sharded_projection_norms(R, G, R_sharded=R_rows, group=self.group)
 
     def captured_fraction(self, R: torch.Tensor, G: torch.Tensor, *, R_rows: bool
                           ) -> torch.Tensor:
-        """``‖R‖_F / ‖G‖_F`` as a 0-d tensor, kept on the device (``R_rows`` as above)."""
-        if self.layout is None:
-            return torch.linalg.vector_norm(R) / torch.linalg.vector_norm(G).clamp_min(
-                torch.finfo(torch.float32).tiny)
         return sharded_captured_fraction(R, G, R_sharded=R_rows, group=self.group)
 
     def dot_rows(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``aᵀb`` of two row-sharded vectors (0-d, replicated)."""
-        if self.layout is None:
-            return torch.dot(a, b)
         return all_reduce_(torch.dot(a, b).reshape(1).contiguous(), self.group, "dot")[0]
 
     def matmul_tn(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        """``AᵀB`` for row-sharded A and B, e.g. ``C = P_newᵀ P_old`` (replicated)."""
-        if self.layout is None:
-            return A.T @ B
         return sharded_matmul_tn(A, B, self.group)
-
-    # -------------------------------------------------- subspace operations
 
     def project(
         self, G: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None
     ) -> torch.Tensor:
-        """Compact gradient R: ``PᵀG`` (replicated), ``GQ`` (G's rows) or ``PᵀGQ``."""
-        if self.layout is None:
-            return project(G, P, Q)
         return sharded_project(G, P, Q, self.group)
 
     def truncated_svd(
         self, G: torch.Tensor, k: int, backend: str, *, seed: int, oversample: int,
         power_iters: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``rsvd.truncated_svd``; sharded: ``U``'s rows of this rank, replicated S, Vh.
-
-        Only the randomized ``"torch"`` backend runs on row blocks: ``"exact"``
-        and ``"fbpca"`` need the full matrix, which no rank holds (``ValueError``).
-        """
-        if self.layout is None:
-            return truncated_svd(G, k, backend, seed=seed, oversample=oversample,
-                                 power_iters=power_iters)
+        """``U``'s rows of this rank, replicated S, Vh. Only the randomized ``"torch"``
+        backend runs on row blocks: ``"exact"`` and ``"fbpca"`` need the full matrix,
+        which no rank holds (``ValueError``)."""
         check_sharded_backend(backend)
         return sharded_randomized_svd(G, k, oversample=oversample, power_iters=power_iters,
                                       seed=seed, group=self.group, layout=self.layout)
 
+    def truncated_svd_batched(
+        self, Gs: torch.Tensor, k: int, backend: str, *, seeds: Sequence[int],
+        oversample: int, power_iters: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if Gs.shape[0] != 1:
+            raise ValueError("ShardContext.truncated_svd_batched: a batch of one matrix")
+        U, S, Vh = self.truncated_svd(Gs[0], k, backend, seed=seeds[0], oversample=oversample,
+                                      power_iters=power_iters)
+        return U[None], S[None], Vh[None]
+
     def align_rows(self, new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
-        """``subspace.align_signs`` for a row-sharded basis (P)."""
-        if self.layout is None:
-            return align_signs(new, old)
         return sharded_align_signs(new, old, self.group)
 
+    def overlap(self, old: torch.Tensor | None, new: torch.Tensor | None, *, rows: bool
+                ) -> float:
+        if rows:
+            return sharded_subspace_overlap(old, new, self.group)
+        return subspace_overlap(old, new)
+
     def overlap_rows(self, old: torch.Tensor | None, new: torch.Tensor | None) -> float:
-        """``subspace.subspace_overlap`` for row-sharded bases (P)."""
-        if self.layout is None:
-            return subspace_overlap(old, new)
         return sharded_subspace_overlap(old, new, self.group)
 
     def track(
         self, G: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``subspace.track_subspace``: one block power step."""
-        if self.layout is None:
-            return track_subspace(G, P, Q)
         return sharded_track_subspace(G, P, Q, self.group)
 
 
-UNSHARDED = ShardContext()
+UNSHARDED = LOCAL
 
 
 def check_sharded_backend(backend: str) -> None:
@@ -808,7 +775,7 @@ def check_sharded_backend(backend: str) -> None:
 
 
 def finite_flags(
-    tensors_local: Sequence[torch.Tensor], contexts: Sequence[ShardContext]
+    tensors_local: Sequence[torch.Tensor], contexts: Sequence[RowOps]
 ) -> list[bool]:
     """For each gradient, whether it is finite (on every rank holding part of it).
 
@@ -819,19 +786,15 @@ def finite_flags(
     """
     flags: list[bool] = [True] * len(tensors_local)
     plain = [i for i, c in enumerate(contexts) if not c.sharded]
-    if plain:
-        # A sum is finite iff every element is, unless finite elements overflow it:
-        # one cheap reduction per tensor (an isfinite().all() pass per tensor cost
-        # more than a whole AdamW step), with the rare alarm confirmed exactly.
-        sums = torch.stack([tensors_local[i].sum(dtype=torch.float32) for i in plain])
-        for i, ok in zip(plain, torch.isfinite(sums).tolist(), strict=True):
-            flags[i] = ok or bool(torch.isfinite(tensors_local[i]).all())
+    for i, ok in zip(plain, all_finite([tensors_local[i] for i in plain]), strict=True):
+        flags[i] = ok
     groups: list[Any] = []
     for c in contexts:
-        if c.sharded and not any(c.group is g for g in groups):
+        if isinstance(c, ShardContext) and not any(c.group is g for g in groups):
             groups.append(c.group)
     for g in groups:
-        members = [i for i, c in enumerate(contexts) if c.sharded and c.group is g]
+        members = [i for i, c in enumerate(contexts)
+                   if isinstance(c, ShardContext) and c.group is g]
         found = sharded_all_finite([tensors_local[i] for i in members], g)
         for i, ok in zip(members, found, strict=True):
             flags[i] = ok

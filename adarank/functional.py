@@ -16,11 +16,13 @@ the parameter's dtype only when it is applied.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
 from .projector import project, project_back
+from .rows import RowOps
 
 __all__ = [
     "CONVENTIONS",
@@ -28,7 +30,9 @@ __all__ = [
     "adam_step_",
     "apply_lowrank_update_",
     "apply_update_",
+    "LowRankSlot",
     "foreach_adam_directions_",
+    "lowrank_adam",
     "lowrank_adam_step_",
     "residual_update",
     "update_moments_",
@@ -231,3 +235,114 @@ def apply_lowrank_update_(
     alpha = -lr * scale * (decay if convention == "galore" else 1.0)
     W = p.view(p.shape[0], -1)
     W.addmm_(left.to(W.dtype), right.to(W.dtype), beta=decay, alpha=alpha)
+
+
+class LowRankSlot(Protocol):
+    """How the low-rank kernels reach one matrix: its float32 gradient, its projectors
+    and its weight, each produced on demand, so that what is stored in low precision
+    (INT4 projectors, INT8 weights) is expanded one matrix at a time, never all at once."""
+
+    @property
+    def ops(self) -> RowOps: ...
+
+    def gradient(self) -> torch.Tensor:
+        """G, float32 m×n (this rank's rows)."""
+        ...
+
+    def projectors(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(P, Q)`` in float32."""
+        ...
+
+    def load_weight(self) -> torch.Tensor:
+        """The tensor the update is applied to (W's rows, or a float32 INT8 dequantisation)."""
+        ...
+
+    def store_weight(self, W: torch.Tensor) -> None:
+        """Write back what ``load_weight`` gave, once updated."""
+        ...
+
+
+def lowrank_adam(
+    slots: Sequence[LowRankSlot], Ms: list[torch.Tensor], Vs: list[torch.Tensor],
+    B1s: list[torch.Tensor], B2s: list[torch.Tensor], Rs: Sequence[torch.Tensor | None],
+    residual_norms: Sequence[torch.Tensor] | None, *, lr: float, beta1: float, beta2: float,
+    eps: float, weight_decay: float, scale: float, convention: str, residual_limit: float,
+    foreach: bool, cache_projectors: bool = True,
+) -> list[torch.Tensor]:
+    """The compact Adam step of many low-rank matrices (DESIGN §3.6), in one of two kernels.
+
+    ``Ms``/``Vs`` (compact moments) and ``B1s``/``B2s`` (their per-coordinate weights)
+    are updated in place, and each weight takes ``−lr·α·(back(N) [+ S])`` with decoupled
+    decay. ``Rs``: a precomputed compact gradient per matrix, or None to project here.
+    ``residual_norms``: the residual path's norms (``residual_update``), or None.
+
+    ``foreach`` chooses the kernel: ``_multi_tensor_lowrank_adam`` (``torch._foreach_*``
+    for the compact math, one GEMM per weight update) or ``_single_tensor_lowrank_adam``
+    (one matrix at a time, the row-sharded and the residual path's kernel too). The two
+    agree to float rounding. Returns ``‖R‖_F/‖G‖_F`` per matrix (0-d, on the device).
+    """
+    multi = foreach and residual_norms is None and not any(s.ops.sharded for s in slots)
+    kernel = _multi_tensor_lowrank_adam if multi else _single_tensor_lowrank_adam
+    return kernel(slots, Ms, Vs, B1s, B2s, Rs, residual_norms, lr=lr, beta1=beta1,
+                  beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
+                  convention=convention, residual_limit=residual_limit,
+                  cache_projectors=cache_projectors)
+
+
+def _single_tensor_lowrank_adam(
+    slots: Sequence[LowRankSlot], Ms: list[torch.Tensor], Vs: list[torch.Tensor],
+    B1s: list[torch.Tensor], B2s: list[torch.Tensor], Rs: Sequence[torch.Tensor | None],
+    residual_norms: Sequence[torch.Tensor] | None, *, lr: float, beta1: float, beta2: float,
+    eps: float, weight_decay: float, scale: float, convention: str, residual_limit: float,
+    cache_projectors: bool,
+) -> list[torch.Tensor]:
+    del cache_projectors  # each matrix's projectors are used once, right away
+    captured = []
+    for i, slot in enumerate(slots):
+        G = slot.gradient()
+        P, Q = slot.projectors()
+        R = Rs[i]
+        if R is None:
+            R = slot.ops.project(G, P, Q)
+        W = slot.load_weight()
+        lowrank_adam_step_(
+            W, G, P, Q, Ms[i], Vs[i], B1s[i], B2s[i], lr=lr, beta1=beta1, beta2=beta2,
+            eps=eps, weight_decay=weight_decay, scale=scale, convention=convention,
+            residual_norm=None if residual_norms is None else residual_norms[i],
+            residual_limit=residual_limit, R=R, norm=slot.ops.norm,
+        )
+        slot.store_weight(W)
+        captured.append(slot.ops.captured_fraction(R, G, R_rows=P is None))
+    return captured
+
+
+def _multi_tensor_lowrank_adam(
+    slots: Sequence[LowRankSlot], Ms: list[torch.Tensor], Vs: list[torch.Tensor],
+    B1s: list[torch.Tensor], B2s: list[torch.Tensor], Rs: Sequence[torch.Tensor | None],
+    residual_norms: Sequence[torch.Tensor] | None, *, lr: float, beta1: float, beta2: float,
+    eps: float, weight_decay: float, scale: float, convention: str, residual_limit: float,
+    cache_projectors: bool,
+) -> list[torch.Tensor]:
+    del residual_norms, residual_limit  # the residual path takes the single-tensor kernel
+    projectors: list[tuple[torch.Tensor | None, torch.Tensor | None] | None] = []
+    compact: list[torch.Tensor] = []
+    g_norms = []
+    for slot, R in zip(slots, Rs, strict=True):
+        P, Q = slot.projectors()
+        G = slot.gradient()
+        # Float32 projectors are the stored tensors; quantised ones are dequantised again
+        # below rather than kept, which would hold a float32 copy of all at once.
+        projectors.append((P, Q) if cache_projectors else None)
+        compact.append(project(G, P, Q) if R is None else R)
+        g_norms.append(torch.linalg.vector_norm(G))
+    Ns = foreach_adam_directions_(compact, Ms, Vs, B1s, B2s, beta1=beta1, beta2=beta2,
+                                  eps=eps, convention=convention)
+    tiny = torch.finfo(torch.float32).tiny
+    captured = torch.stack(torch._foreach_norm(compact)) / torch.stack(g_norms).clamp_min(tiny)
+    for slot, N, PQ in zip(slots, Ns, projectors, strict=True):
+        P, Q = PQ if PQ is not None else slot.projectors()
+        W = slot.load_weight()
+        apply_lowrank_update_(W, N, P, Q, lr=lr, weight_decay=weight_decay, scale=scale,
+                              convention=convention)
+        slot.store_weight(W)
+    return list(captured.unbind())

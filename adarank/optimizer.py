@@ -1,70 +1,49 @@
-"""AdaRankAdamW and GaLoreAdamW: drop-in ``torch.optim.Optimizer`` classes.
+"""AdaRankAdamW, GaLoreAdamW and QGaLoreAdamW: drop-in ``torch.optim.Optimizer`` classes.
 
-One optimizer serves two kinds of param group through the ``lowrank`` flag:
-low-rank groups project every matrix parameter's gradient onto a subspace and
-run Adam there; plain groups (and 1-D parameters of any group) get AdamW. The
-step math lives in ``functional.py``; this file holds state handling: when to
-refresh, tracking, moment transfer, checkpoints and accounting.
+One optimizer serves two kinds of param group through the ``lowrank`` flag: low-rank
+groups project every matrix parameter's gradient onto a subspace and run Adam there;
+plain groups (and 1-D parameters of any group) get AdamW. This file holds the classes:
+option validation, the step's pipeline, accounting and checkpoints. The pipeline of a
+low-rank group is: decide (``schedule.py``) → refresh or track (``refresh.py``) → compact
+Adam, back-projection and decay (``functional.lowrank_adam``). ``foreach`` chooses the
+kernels (batched SVDs per shape, multi-tensor Adam) and nothing else: the one-matrix path
+is the same control flow on batches of one.
 
-Per-parameter state holds tensors and plain numbers only (``weights_only``
-checkpoints): ``step`` (0-d tensor), ``exp_avg``/``exp_avg_sq`` (compact for
-low-rank parameters), ``proj_left`` (m×r) and/or ``proj_right`` (n×r),
-``bias1``/``bias2`` (the moments' accumulated weights per compact coordinate,
-Adam's ``1 − βᵗ`` until a subspace change), ``captured`` (0-d tensor:
-‖R‖_F/‖G‖_F at the last step), and integer counters ``rank``,
-``since_refresh``, ``refreshes``, ``nonfinite_skips``
-plus the float ``overlap`` (subspace overlap at the last refresh).
-
-Under FSDP2 (``fully_shard``: parameters and gradients are DTensors sharded on
-dim 0) every step works on this rank's rows through a per-parameter
-``distributed.ShardContext``: the sketch, power iterations, projections and
-statistics combine ranks with all-reduces of small matrices, and no rank holds
-a full gradient or a full moment. State that has the parameter's rows (a left
-projector ``proj_left``, right-side moments, ``lead_vector`` of a left basis,
-plain AdamW moments) is stored as DTensors of the parameter's mesh and
-placements, so ``torch.distributed.checkpoint`` writes each rank's rows; the
-rest (``proj_right``, left-side moments r×n, counters) is replicated and
-identical on every rank. One process and DDP take the unsharded path, where
-the context is the identity (``distributed.UNSHARDED``).
+Per-parameter state is declared in ``state.STATE_SCHEMA``. Under FSDP2 (``fully_shard``:
+parameters and gradients are DTensors sharded on dim 0) each parameter's row operations
+are a ``distributed.ShardContext`` instead of ``rows.LOCAL``; nothing else changes.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw
+from typing_extensions import Unpack
 
-from .distributed import (
-    UNSHARDED,
-    ShardContext,
-    check_sharded_backend,
-    finite_flags,
-    is_dtensor,
-    local_tensor,
-)
-from .functional import (
-    adam_step_,
-    apply_lowrank_update_,
-    foreach_adam_directions_,
-    lowrank_adam_step_,
-)
-from .projector import PROJ_TYPES, project, projector_from_svd, side_for
-from .quant import dequantize, flatten_qtensor, is_int8_weight, quantize, unflatten_qtensor
+from . import refresh as refreshing
+from . import schedule
+from .functional import CONVENTIONS, adam_step_, lowrank_adam
+from .projector import PROJ_TYPES
+from .quant import is_int8_weight
 from .rank import RANK_RULES
-from .rsvd import BACKENDS, mix_seed, truncated_svd_batched
-from .subspace import (
-    MOMENT_POLICIES,
-    align_signs,
-    subspace_overlap,
-    subspace_overlap_tensor,
-    transfer_moments,
+from .refresh import Item, gradient_of
+from .rows import LOCAL, RowOps, all_finite, local_tensor
+from .rsvd import BACKENDS
+from .state import (
+    MOMENT_KEYS,
+    PROJ_KEYS,
+    init_lowrank_state,
+    init_plain_state,
+    projector_shape,
 )
+from .subspace import MOMENT_POLICIES
 
-__all__ = ["AdaRankAdamW", "GaLoreAdamW", "QGaLoreAdamW"]
+__all__ = ["LOWRANK_DEFAULTS", "AdaRankAdamW", "GaLoreAdamW", "LowRankOptions", "QGaLoreAdamW"]
 
 # The low-rank options, their AdaRankAdamW defaults and their meaning.
 LOWRANK_DEFAULTS: dict[str, Any] = {
@@ -98,96 +77,51 @@ LOWRANK_DEFAULTS: dict[str, Any] = {
     "lazy_factor": 2,       # γ: the gap is multiplied by this
     "stagger": 0,           # spread scheduled refreshes over this many phases of the gap
     "foreach": True,        # multi-tensor fast paths (False: one matrix at a time)
+    "convention": "torch",  # Adam convention: "torch" (torch.optim.AdamW) | "galore"
+    "align_signs": True,    # align basis signs with the previous subspace at a refresh
 }
+
+
+class LowRankOptions(TypedDict, total=False):
+    """The low-rank options as keyword arguments (meanings in ``LOWRANK_DEFAULTS``)."""
+
+    lowrank: bool
+    rank_rule: str
+    eta: float
+    min_rank: int
+    max_rank: int
+    rank_hysteresis: int
+    update_gap: int
+    backend: str
+    oversample: int
+    power_iters: int
+    proj_type: str
+    track_every: int
+    check_every: int
+    refresh_below: float
+    converge_tol: float
+    moments: str
+    scale: float
+    residual: bool
+    residual_limit: float
+    nonfinite: str
+    seed: int
+    proj_bits: int
+    proj_group_size: int
+    stochastic_rounding: bool
+    lazy_refresh: bool
+    lazy_threshold: float
+    lazy_window: int
+    lazy_factor: int
+    stagger: int
+    foreach: bool
+    convention: str
+    align_signs: bool
 
 _ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
 # Keys torch or its schedulers may add to a group.
 _TORCH_KEYS = ("params", "param_names", "initial_lr")
 _NONFINITE_POLICIES = ("skip", "raise")
-_MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
-_PROJ_KEYS = ("proj_left", "proj_right")
-_BIAS_KEYS = ("bias1", "bias2")
-# Backends whose refresh runs as one batched SVD per shape (fbpca goes one matrix at a time).
-BATCHED_BACKENDS = ("torch", "exact")
-# At most this many bytes of stacked float32 gradients per batched SVD: a refresh
-# must not need a float32 copy of every gradient at once.
-REFRESH_BATCH_BYTES = 256 * 2**20
-
-
-def _grad(p: torch.Tensor) -> torch.Tensor | None:
-    """The gradient the optimizer uses: ``p.grad``, or an INT8 weight's float32
-    ``weight_grad`` (integer tensors cannot hold a float ``.grad``)."""
-    if p.grad is not None:
-        return p.grad
-    return p.weight_grad if is_int8_weight(p) else None
-
-
-def _update_target(p: torch.Tensor) -> torch.Tensor:
-    """The tensor an update is applied to: ``p``, or an INT8 weight's float32
-    dequantisation (re-quantised afterwards by ``_store_int8``)."""
-    return p.int8_module.dequantized_weight() if is_int8_weight(p) else p
-
-
-class _Item:
-    """An unsharded low-rank parameter on the fast path of one step."""
-
-    __slots__ = ("R", "index", "param", "shape", "state")
-
-    def __init__(self, index: int, param: torch.Tensor, state: dict) -> None:
-        self.index = index
-        self.param = param
-        self.state = state
-        self.shape = (param.shape[0], math.prod(param.shape[1:]))
-        # The staleness test's compact gradient, reused by the step if P stays.
-        self.R: torch.Tensor | None = None
-
-    def gradient(self) -> torch.Tensor:
-        """G as a float32 m×n matrix: a view of a float32 gradient, else a fresh
-        conversion on every call, so no float32 copies of all gradients live at once."""
-        return _grad(self.param).flatten(1).to(torch.float32)
-
-
-def _projectors(state: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(P, Q)`` in float32, dequantised when stored in low precision (this
-    rank's rows of a row-sharded P)."""
-    out = []
-    for key in _PROJ_KEYS:
-        q = unflatten_qtensor(state, key)
-        value = state.get(key)
-        out.append(dequantize(q) if q is not None else
-                   None if value is None else local_tensor(value))
-    return out[0], out[1]
-
-
-def _set_projectors(
-    state: dict, group: dict, P: torch.Tensor | None, Q: torch.Tensor | None,
-    ctx: ShardContext = UNSHARDED,
-) -> None:
-    """Store projectors as float32, or quantised to ``proj_bits`` under flat keys
-    (``proj_left_codes``, ``proj_left_scale``, ...; see ``quant.flatten_qtensor``).
-
-    A row-sharded float32 P is stored as a DTensor (``ctx.wrap_rows``). A
-    quantised one stays a plain per-rank tensor: its groups of
-    ``proj_group_size`` restart at the shard boundary, so it is not a block of
-    the one-process quantisation (and not checkpointable with DCP)."""
-    for key, value in zip(_PROJ_KEYS, (P, Q), strict=True):
-        for stale in [k for k in state if k == key or k.startswith(key + "_")]:
-            del state[stale]
-        if value is None:
-            continue
-        if group["proj_bits"] < 32 and value.numel() > 0:
-            state.update(flatten_qtensor(
-                quantize(value, group["proj_bits"], group["proj_group_size"]), key))
-        else:  # float32, or an empty shard (nothing to quantise)
-            state[key] = ctx.wrap_rows(value) if key == "proj_left" else value
-
-
-def _projector_shape(state: dict, key: str) -> tuple[int, ...] | None:
-    if key in state:
-        return tuple(state[key].shape)
-    if f"{key}_shape" in state:
-        return tuple(state[f"{key}_shape"])
-    return None
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
@@ -248,7 +182,9 @@ def validate_group(group: dict[str, Any]) -> None:
     _check(_is_int(pg) and pg >= 1, "proj_group_size", pg, "an integer >= 1")
     _check(isinstance(group["stochastic_rounding"], bool), "stochastic_rounding",
            group["stochastic_rounding"], "True or False")
-    for key in ("lazy_refresh", "foreach"):
+    _check(group["convention"] in CONVENTIONS, "convention", group["convention"],
+           f"one of {CONVENTIONS}")
+    for key in ("lazy_refresh", "foreach", "align_signs"):
         _check(isinstance(group[key], bool), key, group[key], "True or False")
     lt = group["lazy_threshold"]
     _check(isinstance(lt, (int, float)) and -1.0 <= lt <= 1.0, "lazy_threshold", lt,
@@ -261,40 +197,82 @@ def validate_group(group: dict[str, Any]) -> None:
 
 
 class AdaRankAdamW(Optimizer):
-    """AdamW with gradients of matrix parameters projected onto an adaptive-rank subspace.
+    r"""AdamW with gradients of matrix parameters projected onto an adaptive-rank subspace.
 
-    At a refresh the subspace comes from a randomized SVD of the gradient and
-    its rank is the smallest capturing ``eta`` of ‖G‖_F² (clamped to
-    ``[min_rank, max_rank]``). Between refreshes the subspace follows the
-    gradient by one subspace-iteration step every ``track_every`` steps. A
-    refresh happens every ``update_gap`` steps, or earlier when the captured
-    fraction ‖PᵀG‖_F/‖G‖_F falls below ``refresh_below`` (tested every
-    ``check_every`` steps). Moments cross a subspace change by ``moments``.
+    For a matrix parameter W (m×n; a k-D kernel as m×(n₁⋯n_k)) with gradient G, each
+    step projects G onto a subspace, ``R = PᵀG`` (m ≤ n, left) or ``R = GQ`` (right), runs
+    Adam on R and applies ``W ← W − lr·α·back(N)`` with decoupled weight decay. At a
+    refresh the subspace comes from a randomized SVD of G and its rank is the smallest
+    capturing ``eta`` of ‖G‖_F² (DESIGN §3.2), clamped to ``[min_rank, max_rank]``.
+    Between refreshes it follows the gradient by one subspace-iteration step every
+    ``track_every`` steps. A refresh happens every ``update_gap`` steps, or earlier when
+    the captured fraction ‖R‖_F/‖G‖_F falls below ``refresh_below`` (tested every
+    ``check_every`` steps). Parameters of fewer than two dimensions, and groups with
+    ``lowrank=False``, get plain AdamW.
 
     Args:
-        params: parameters or param groups; ``adarank.param_groups(model)``
-            builds a low-rank group and a plain AdamW group with names.
-        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled decay).
-        **lowrank: defaults of the low-rank options (see ``LOWRANK_DEFAULTS``);
-            each can be overridden per param group.
+        params: parameters or param groups; ``adarank.param_groups(model)`` builds a
+            low-rank group and a plain AdamW group with names. Every option below can be
+            set per group.
+        lr (float or 0-d tensor, default 1e-3): learning rate.
+        betas (tuple[float, float], default (0.9, 0.999)): β₁, β₂ of the moving averages.
+        eps (float, default 1e-8): added to the denominator √V.
+        weight_decay (float, default 0): decoupled decay λ, ``W ← W(1 − lr·λ)``.
+
+    Keyword-only low-rank options (``LowRankOptions``; defaults in ``LOWRANK_DEFAULTS``):
+        lowrank (bool, True): project this group's matrix parameters.
+        rank_rule (str, "energy"): a name registered in ``rank.RANK_RULES``: ``"energy"``
+            (adaptive, η) or ``"fixed"`` (always ``max_rank``).
+        eta (float in (0, 1], 0.9): η, the fraction of Σσ² the rank must capture.
+        min_rank, max_rank (int, 1 and 256): the rank's bounds (also clamped to min(m, n)).
+        rank_hysteresis (int, 0): ignore rank drops of at most this many.
+        update_gap (int, 200): T, steps between scheduled refreshes.
+        backend (str, "torch"): a name registered in ``rsvd.BACKENDS``: ``"torch"``
+            (randomized, seeded), ``"fbpca"`` (CPU reference), ``"exact"``.
+        oversample (int, 8), power_iters (int, 2): p and q of the randomized SVD.
+        proj_type (str, "std"): ``"std"``, ``"reverse_std"``, ``"left"``, ``"right"``,
+            ``"full"`` (GaLore's sides; see ``projector.py``).
+        track_every (int, 10): an online subspace step every k steps (0: off).
+        check_every (int, 10): test for a stale subspace every k steps (0: off).
+        refresh_below (float in [0, 1], 0.5): refresh early below this captured fraction.
+        converge_tol (float, 0): refresh early when ‖R‖_F ≤ this (AdaRankGrad; 0: off).
+        moments (str, "rotate"): ``"keep"``, ``"reset"`` or ``"rotate"`` on a change.
+        scale (float, 0.25): α, the back-projection scale.
+        residual (bool, False): also apply the gradient outside the subspace (Fira).
+        residual_limit (float ≥ 1, 1.01): γ, max growth of the residual's norm per step.
+        nonfinite (str, "skip"): a NaN/Inf gradient skips the step of that parameter
+            and is counted (``nonfinite_skips()``), or ``"raise"``.
+        seed (int, 0): base seed of the sketches' random streams.
+        proj_bits (int, 32): 32 (float32 projectors), 8 or 4 (group-wise quantised).
+        proj_group_size (int, 256): elements per quantisation group of a projector.
+        stochastic_rounding (bool, True): INT8 weights round updates stochastically.
+        lazy_refresh (bool, False): Q-GaLore's layer-adaptive gap, with
+            lazy_threshold (float in [-1, 1], 0.4), lazy_window (int, 5) and
+            lazy_factor (int, 2): the gap is multiplied by lazy_factor once the mean
+            |cos| of lazy_window consecutive leading vectors is at least lazy_threshold.
+        stagger (int, 0): spread scheduled refreshes over this many phases of the gap.
+        foreach (bool, True): the multi-tensor kernels (batched SVDs per shape,
+            ``torch._foreach_*`` Adam); False: one matrix at a time, same results to
+            float rounding.
+        convention (str, "torch"): the Adam convention, ``"torch"`` (torch.optim.AdamW)
+            or ``"galore"`` (the reference GaLore's; see ``functional.py``).
+        align_signs (bool, True): align the new basis' signs with the previous one.
+
+    Invalid values raise ``ValueError`` naming the option; unknown keys too.
 
     Example::
 
         opt = adarank.AdaRankAdamW(adarank.param_groups(model), lr=1e-3, eta=0.9)
     """
 
-    _convention = "torch"
-    # Align basis signs with the previous subspace (GaLore's reference does not).
-    _align_signs = True
-
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        **lowrank: Any,
+        **lowrank: Unpack[LowRankOptions],
     ) -> None:
         defaults = dict(self._lowrank_defaults())
         self._reject_unknown(lowrank, "optimizer argument")
@@ -345,26 +323,21 @@ class AdaRankAdamW(Optimizer):
         index = 0
         for group in self.param_groups:
             params = group["params"]
-            with_grad = [(index + i, p) for i, p in enumerate(params) if _grad(p) is not None]
+            with_grad = [(index + i, p) for i, p in enumerate(params)
+                         if gradient_of(p) is not None]
             index += len(params)
             if not with_grad:
                 continue
-            for _, p in with_grad:
-                if _grad(p).is_sparse:
-                    raise RuntimeError(
-                        f"{type(self).__name__} does not support sparse gradients "
-                        f"(parameter {self._name_of(group, p)}); use dense gradients, "
-                        "e.g. nn.Embedding(sparse=False)"
-                    )
-            contexts = [self._shard_context(p, group) for _, p in with_grad]
-            # One host synchronisation per group for the finiteness test; under
-            # FSDP2 the flags are all-reduced, as a NaN may sit in one rank's
-            # shard and every rank must skip (and issue the same collectives).
-            finite = finite_flags([local_tensor(_grad(p)) for _, p in with_grad], contexts)
-            fast: list[_Item] = []
-            plain: list[torch.Tensor] = []  # float32 AdamW parameters for torch's kernels
-            first: list[torch.Tensor] = []  # low-rank parameters without a subspace yet
-            for (i, p), ok, ctx in zip(with_grad, finite, contexts, strict=True):
+            self._refuse_sparse(group, [p for _, p in with_grad])
+            ops = [self._row_ops(p, group) for _, p in with_grad]
+            # One host synchronisation per group for the finiteness test; under FSDP2
+            # the flags are all-reduced, as a NaN may sit in one rank's shard and every
+            # rank must skip (and issue the same collectives).
+            grads = [local_tensor(gradient_of(p)) for _, p in with_grad]  # type: ignore[arg-type]
+            finite = _finite_flags(grads, ops)
+            lowrank: list[Item] = []
+            plain: list[Item] = []
+            for (i, p), ok, o in zip(with_grad, finite, ops, strict=True):
                 state = self.state[p]
                 if not ok:
                     if group["nonfinite"] == "raise":
@@ -374,64 +347,144 @@ class AdaRankAdamW(Optimizer):
                         )
                     state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
                     continue
-                if group["lowrank"] and p.ndim >= 2:
-                    if "exp_avg" not in state:
-                        first.append(p)
-                    if group["foreach"] and not ctx.sharded:
-                        fast.append(_Item(i, p, state))
-                        continue
-                elif (group["foreach"] and not ctx.sharded and self._convention == "torch"
-                      and p.dtype == torch.float32 and not is_int8_weight(p)):
-                    plain.append(p)
-                    continue
-                # An INT8 weight is updated through its float32 dequantisation.
-                target = _update_target(p)
-                if group["lowrank"] and p.ndim >= 2:
-                    self._lowrank_param_step(target, _grad(p), state, group, i, ctx)
-                else:
-                    self._plain_param_step(target, _grad(p), state, group)
-                if target is not p:
-                    self._store_int8(p, target, state, group, i)
-            if fast:
-                self._lowrank_group_step(group, fast)
+                item = Item(i, p, state, group, o)
+                (lowrank if group["lowrank"] and p.ndim >= 2 else plain).append(item)
+            if lowrank:
+                self._lowrank_step(group, lowrank)
             if plain:
-                self._plain_group_step(group, plain)
-            if group["stagger"] > 1:
-                for p in first:
-                    if "exp_avg" in self.state[p]:
-                        self.state[p]["since_refresh"] += self._stagger_offset(group, p)
+                self._plain_step(group, plain)
         return loss
 
-    @staticmethod
-    def _stagger_offset(group: dict, p: torch.Tensor) -> int:
-        """Steps by which ``p``'s first refresh period is shortened under ``stagger`` = k:
-        the group's matrices, in order, fall into k contiguous phases and phase j
-        starts j·T/k steps into its period, so about 1/k of them refresh on any
-        scheduled step while neighbours (one block's matrices, often of one shape)
-        still refresh together and share a batched SVD."""
-        k = group["stagger"]
-        matrices = [q for q in group["params"] if q.ndim >= 2]
-        position = next(j for j, q in enumerate(matrices) if q is p)
-        return (position * k // len(matrices)) * group["update_gap"] // k
+    def _refuse_sparse(self, group: dict, params: list[torch.Tensor]) -> None:
+        for p in params:
+            if gradient_of(p).is_sparse:  # type: ignore[union-attr]
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients "
+                    f"(parameter {self._name_of(group, p)}); use dense gradients, "
+                    "e.g. nn.Embedding(sparse=False)"
+                )
 
-    def _shard_context(self, p: torch.Tensor, group: dict) -> ShardContext:
-        """``ShardContext.of(p)``, refusing what cannot run on row shards."""
-        if not is_dtensor(p):
-            return UNSHARDED
+    def _row_ops(self, p: torch.Tensor, group: dict) -> RowOps:
+        """``rows.LOCAL`` for a plain tensor; a ``distributed.ShardContext`` for an FSDP2
+        DTensor, refusing what cannot run on row shards."""
+        if type(p) is torch.Tensor or type(p) is torch.nn.Parameter:
+            return LOCAL
+        from . import distributed  # only a DTensor (or another subclass) gets here
+
+        if not distributed.is_dtensor(p):
+            return LOCAL
         if is_int8_weight(p):
             raise ValueError(f"INT8 weights (Int8Linear) are not supported under FSDP2 "
                              f"(parameter {self._name_of(group, p)})")
         if group["lowrank"] and p.ndim >= 2:
-            check_sharded_backend(group["backend"])
-        return ShardContext.of(p)
+            distributed.check_sharded_backend(group["backend"])
+        return distributed.ShardContext.of(p)
+
+    def _lowrank_step(self, group: dict, items: list[Item]) -> None:
+        """A step of a group's low-rank parameters: decide, refresh or track, then Adam.
+
+        The decisions are taken for all matrices first, so that the work can be batched
+        under ``foreach``: the staleness tests of the group cost one host
+        synchronisation together, the refreshes one batched SVD per shape
+        (``refresh.refresh``), the compact Adam update one multi-tensor kernel
+        (``functional.lowrank_adam``)."""
+        for it in items:
+            init_lowrank_state(it.state)
+        first = [it for it in items if "exp_avg" not in it.state]
+        plan = schedule.plan([it.state for it in items], group)
+        refresh = [items[i] for i in plan.refresh]
+        tracks = [items[i] for i in plan.track]
+        checks = [items[i] for i in plan.check]
+        if checks:
+            norms = []
+            for it in checks:
+                G = it.gradient()
+                P, Q = it.projectors()
+                it.R = it.ops.project(G, P, Q)
+                norms.append(torch.stack(it.ops.projection_norms(it.R, G, R_rows=P is None)))
+            for it, (r_norm, g_norm) in zip(checks, torch.stack(norms).tolist(), strict=True):
+                action = schedule.after_check(it.state, group, r_norm, g_norm)
+                if action != "step":
+                    (refresh if action == "refresh" else tracks).append(it)
+                    it.R = None
+        if refresh:
+            refreshing.refresh(group, refresh, batched=group["foreach"])
+        for it in tracks:
+            refreshing.track(group, it)
+        self._lowrank_adam(group, items)
+        if group["stagger"] > 1 and first:
+            matrices = [q for q in group["params"] if q.ndim >= 2]
+            for it in first:
+                if "exp_avg" in it.state:
+                    position = next(j for j, q in enumerate(matrices) if q is it.param)
+                    it.state["since_refresh"] += schedule.stagger_offset(
+                        position, len(matrices), group)
 
     @staticmethod
-    def _store_int8(p: torch.Tensor, W: torch.Tensor, state: dict, group: dict, index: int) -> None:
-        """Re-quantise an INT8 weight; the rounding noise is drawn from a stream
-        derived from (seed, parameter, step), so a resumed run rounds identically."""
-        gen = torch.Generator(device=W.device)
-        gen.manual_seed(mix_seed(group["seed"], index, int(state["step"]), 0x1A7))
-        p.int8_module.set_weight_(W, stochastic=group["stochastic_rounding"], generator=gen)
+    def _lowrank_adam(group: dict, items: list[Item]) -> None:
+        states = [it.state for it in items]
+        torch._foreach_add_([st["step"] for st in states], 1.0)
+        for st in states:
+            st["since_refresh"] += 1
+        residual_norms = None
+        if group["residual"]:
+            for it in items:
+                if "residual_norm" not in it.state:
+                    it.state["residual_norm"] = torch.zeros((), device=it.param.device)
+            residual_norms = [st["residual_norm"] for st in states]
+        beta1, beta2 = group["betas"]
+        captured = lowrank_adam(
+            items, [local_tensor(st["exp_avg"]) for st in states],
+            [local_tensor(st["exp_avg_sq"]) for st in states],
+            [st["bias1"] for st in states], [st["bias2"] for st in states],
+            [it.R for it in items], residual_norms, lr=group["lr"], beta1=beta1,
+            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            scale=group["scale"], convention=group["convention"],
+            residual_limit=group["residual_limit"], foreach=group["foreach"],
+            cache_projectors=group["proj_bits"] == 32,
+        )
+        for st, fraction in zip(states, captured, strict=True):
+            # Kept on the device: reading it costs a sync only when someone asks.
+            st["captured"] = fraction
+
+    def _plain_step(self, group: dict, items: list[Item]) -> None:
+        """AdamW on full-size parameters. Float32 ones of the ``torch`` convention go
+        through torch's own multi-tensor kernel (fused on the CPU, foreach elsewhere,
+        where the steps would have to live on the device for the fused one): that
+        convention is ``torch.optim.AdamW``'s update."""
+        fused = [it for it in items
+                 if group["foreach"] and not it.ops.sharded and group["convention"] == "torch"
+                 and it.param.dtype == torch.float32 and not is_int8_weight(it.param)]
+        beta1, beta2 = group["betas"]
+        if fused:
+            params = [it.param for it in fused]
+            states = [it.state for it in fused]
+            for p, state in zip(params, states, strict=True):
+                init_plain_state(p, state)
+            on_cpu = all(p.device.type == "cpu" for p in params)
+            adamw(
+                params, [p.grad for p in params], [st["exp_avg"] for st in states],
+                [st["exp_avg_sq"] for st in states], [], [st["step"] for st in states],
+                foreach=not on_cpu, fused=on_cpu or None, amsgrad=False, beta1=beta1,
+                beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                eps=group["eps"], maximize=False,
+            )
+        for it in items:
+            if any(it is f for f in fused):
+                continue
+            W = it.load_weight()
+            # Moments like the parameter (a DTensor under FSDP2), or like an INT8
+            # weight's float32 dequantisation.
+            init_plain_state(W if is_int8_weight(it.param) else it.param, it.state)
+            it.state["step"] += 1
+            adam_step_(
+                W, local_tensor(gradient_of(it.param)),  # type: ignore[arg-type]
+                local_tensor(it.state["exp_avg"]), local_tensor(it.state["exp_avg_sq"]),
+                step=int(it.state["step"]), lr=group["lr"], beta1=beta1, beta2=beta2,
+                eps=group["eps"], weight_decay=group["weight_decay"],
+                convention=group["convention"],
+            )
+            it.store_weight(W)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``Optimizer.zero_grad``, and also for INT8 weights' ``weight_grad``."""
@@ -443,391 +496,6 @@ class AdaRankAdamW(Optimizer):
                         p.weight_grad = None
                     else:
                         p.weight_grad.zero_()
-
-    def _plain_group_step(self, group: dict, params: list[torch.Tensor]) -> None:
-        """AdamW on float32 parameters through torch's own multi-tensor kernel (fused on
-        the CPU, foreach elsewhere, where the steps would have to live on the device for
-        the fused one): the ``torch`` convention is ``torch.optim.AdamW``'s update."""
-        states = [self.state[p] for p in params]
-        for p, state in zip(params, states, strict=True):
-            self._init_plain_state(p, state)
-        beta1, beta2 = group["betas"]
-        on_cpu = all(p.device.type == "cpu" for p in params)
-        adamw(
-            params, [p.grad for p in params], [st["exp_avg"] for st in states],
-            [st["exp_avg_sq"] for st in states], [], [st["step"] for st in states],
-            foreach=not on_cpu, fused=on_cpu or None, amsgrad=False, beta1=beta1, beta2=beta2,
-            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-            maximize=False,
-        )
-
-    @staticmethod
-    def _init_plain_state(p: torch.Tensor, state: dict) -> None:
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0)
-            # Like p, dtype included (as torch.optim.AdamW); under FSDP2 DTensors of
-            # p's placements (AdamW is elementwise).
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-            state.setdefault("nonfinite_skips", 0)
-
-    def _plain_param_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict,
-                          group: dict) -> None:
-        self._init_plain_state(p, state)
-        state["step"] += 1
-        beta1, beta2 = group["betas"]
-        adam_step_(
-            local_tensor(p), local_tensor(grad), local_tensor(state["exp_avg"]),
-            local_tensor(state["exp_avg_sq"]), step=int(state["step"]),
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], convention=self._convention,
-        )
-
-    @staticmethod
-    def _init_lowrank_state(state: dict) -> None:
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0)
-            for key, value in (("rank", 0), ("since_refresh", 0),
-                               ("refreshes", 0), ("overlap", float("nan"))):
-                state[key] = value
-            state.setdefault("nonfinite_skips", 0)
-
-    def _refresh_due(self, state: dict, group: dict) -> bool:
-        return "exp_avg" not in state or state["since_refresh"] >= self._gap(state, group)
-
-    @staticmethod
-    def _due(state: dict, every: int) -> bool:
-        """Whether a periodic action (``check_every``, ``track_every``) falls on this step."""
-        return bool(every) and state["since_refresh"] % every == 0
-
-    @staticmethod
-    def _is_stale(r_norm: float, g_norm: float, group: dict) -> bool:
-        """The refresh events of DESIGN §3.4 from ``‖R‖_F`` and ``‖G‖_F``."""
-        if g_norm == 0.0:
-            return False
-        return r_norm / g_norm < group["refresh_below"] or r_norm <= group["converge_tol"]
-
-    def _lowrank_param_step(
-        self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, index: int,
-        ctx: ShardContext = UNSHARDED,
-    ) -> None:
-        """One matrix at a time (``foreach=False``, and always under FSDP2); the
-        reference the fast path ``_lowrank_group_step`` is tested against."""
-        # This rank's rows (all of them unsharded); flatten(1), not
-        # reshape(m, -1), which fails on an empty shard. Projection math in
-        # float32 whatever the parameter dtype (DESIGN §5).
-        G = local_tensor(grad).flatten(1).to(torch.float32)
-        self._init_lowrank_state(state)
-        refresh = self._refresh_due(state, group)
-        R = None  # the staleness test's PᵀG, reused by the step when P stays
-        if not refresh and self._due(state, group["check_every"]):
-            P, Q = _projectors(state)
-            R = ctx.project(G, P, Q)
-            refresh = self._is_stale(*ctx.projection_norms(R, G, R_rows=P is None), group)
-        if refresh:
-            self._refresh(G, state, group, index, ctx)
-            R = None
-        elif self._due(state, group["track_every"]):
-            self._track(G, state, group, ctx)
-            R = None
-        self._adam_update(local_tensor(p), G, state, group, ctx, R)
-
-    def _adam_update(
-        self, W: torch.Tensor, G: torch.Tensor, state: dict, group: dict,
-        ctx: ShardContext = UNSHARDED, R: torch.Tensor | None = None,
-    ) -> None:
-        state["step"] += 1
-        state["since_refresh"] += 1
-        beta1, beta2 = group["betas"]
-        P, Q = _projectors(state)
-        if R is None:
-            R = ctx.project(G, P, Q)
-        lowrank_adam_step_(
-            W, G, P, Q, local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]),
-            state["bias1"], state["bias2"], lr=group["lr"], beta1=beta1,
-            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            scale=group["scale"], convention=self._convention,
-            residual_norm=self._residual_norm(state, group, G),
-            residual_limit=group["residual_limit"], R=R, norm=ctx.norm,
-        )
-        # Kept on the device: reading it costs a sync only when someone asks.
-        state["captured"] = ctx.captured_fraction(R, G, R_rows=P is None)
-
-    # --------------------------------------------------- multi-tensor fast path
-
-    def _lowrank_group_step(self, group: dict, items: list[_Item]) -> None:
-        """A step of a group's unsharded low-rank parameters (``foreach=True``).
-
-        The decisions are ``_lowrank_param_step``'s, taken for all matrices first,
-        so that the work can be batched: the staleness tests of the group cost one
-        host synchronisation together; the matrices to refresh go through
-        ``_refresh_batched`` (one batched SVD per shape, one synchronisation per
-        batch for the rank choice); the compact Adam update is a handful of
-        ``torch._foreach_*`` kernels for the whole group, and each weight takes
-        its update, decay included, in one GEMM (``apply_lowrank_update_``).
-        Results equal the one-matrix path up to float rounding.
-        """
-        refresh: list[_Item] = []
-        checks: list[_Item] = []
-        tracks: list[_Item] = []
-        for it in items:
-            self._init_lowrank_state(it.state)
-            if self._refresh_due(it.state, group):
-                refresh.append(it)
-            elif self._due(it.state, group["check_every"]):
-                checks.append(it)
-            elif self._due(it.state, group["track_every"]):
-                tracks.append(it)
-        if checks:
-            norms = []
-            for it in checks:
-                G = it.gradient()
-                it.R = project(G, *_projectors(it.state))
-                norms.append(torch.stack([torch.linalg.vector_norm(it.R),
-                                          torch.linalg.vector_norm(G)]))
-            for it, (r_norm, g_norm) in zip(checks, torch.stack(norms).tolist(), strict=True):
-                if self._is_stale(r_norm, g_norm, group):
-                    refresh.append(it)
-                    it.R = None
-                elif self._due(it.state, group["track_every"]):
-                    tracks.append(it)
-                    it.R = None
-        if refresh:
-            if group["backend"] in BATCHED_BACKENDS:
-                self._refresh_batched(group, refresh)
-            else:
-                for it in refresh:
-                    self._refresh(it.gradient(), it.state, group, it.index)
-        for it in tracks:
-            self._track(it.gradient(), it.state, group)
-        if group["residual"]:
-            for it in items:
-                W = _update_target(it.param)
-                self._adam_update(W, it.gradient(), it.state, group, R=it.R)
-                if W is not it.param:
-                    self._store_int8(it.param, W, it.state, group, it.index)
-        else:
-            self._foreach_adam_update(group, items)
-
-    def _foreach_adam_update(self, group: dict, items: list[_Item]) -> None:
-        """``lowrank_adam_step_`` (without the residual path) for many matrices at once."""
-        beta1, beta2 = group["betas"]
-        states = [it.state for it in items]
-        torch._foreach_add_([st["step"] for st in states], 1.0)
-        # Float32 projectors are the stored tensors; quantised ones are dequantised
-        # again below rather than kept, which would hold a float32 copy of all at once.
-        keep = group["proj_bits"] == 32
-        projectors, Rs, g_norms = [], [], []
-        for it in items:
-            it.state["since_refresh"] += 1
-            P, Q = _projectors(it.state)
-            G = it.gradient()
-            projectors.append((P, Q) if keep else None)
-            Rs.append(project(G, P, Q) if it.R is None else it.R)
-            g_norms.append(torch.linalg.vector_norm(G))
-        Ms = [st["exp_avg"] for st in states]
-        Vs = [st["exp_avg_sq"] for st in states]
-        B1s = [st["bias1"] for st in states]
-        B2s = [st["bias2"] for st in states]
-        Ns = foreach_adam_directions_(Rs, Ms, Vs, B1s, B2s, beta1=beta1, beta2=beta2,
-                                      eps=group["eps"], convention=self._convention)
-        tiny = torch.finfo(torch.float32).tiny
-        captured = torch.stack(torch._foreach_norm(Rs)) / torch.stack(g_norms).clamp_min(tiny)
-        for it, N, PQ, fraction in zip(items, Ns, projectors, captured.unbind(), strict=True):
-            it.state["captured"] = fraction
-            P, Q = PQ if PQ is not None else _projectors(it.state)
-            W = _update_target(it.param)
-            apply_lowrank_update_(W, N, P, Q, lr=group["lr"],
-                                  weight_decay=group["weight_decay"], scale=group["scale"],
-                                  convention=self._convention)
-            if W is not it.param:
-                self._store_int8(it.param, W, it.state, group, it.index)
-
-    @staticmethod
-    def _residual_norm(state: dict, group: dict, G: torch.Tensor) -> torch.Tensor | None:
-        if not group["residual"]:
-            return None
-        if "residual_norm" not in state:
-            state["residual_norm"] = G.new_zeros(())
-        return state["residual_norm"]
-
-    @staticmethod
-    def _rank_cap(group: dict, shape: tuple[int, int]) -> int:
-        return max(1, min(group["max_rank"], *shape))
-
-    @staticmethod
-    def _first_sketch(state: dict, group: dict, cap: int) -> int:
-        """Sketch width of a refresh's first attempt: the cap for a fixed rank or an
-        exact SVD, else twice the previous rank (16 at first), grown on demand."""
-        if group["rank_rule"] == "fixed" or group["backend"] == "exact":
-            return cap
-        previous = state["rank"]
-        return min(cap, max(group["min_rank"], 2 * previous if previous else 16))
-
-    @staticmethod
-    def _sketch_seed(group: dict, index: int, state: dict, sketch: int) -> int:
-        """The sketch's random stream: (seed, parameter index, refresh count, width)."""
-        return mix_seed(mix_seed(group["seed"], index, state["refreshes"]), sketch)
-
-    def _refresh(self, G: torch.Tensor, state: dict, group: dict, index: int,
-                 ctx: ShardContext = UNSHARDED) -> None:
-        # G holds this rank's rows; the side and the cap follow the whole matrix.
-        shape = (ctx.rows(G), G.shape[1])
-        cap = self._rank_cap(group, shape)
-        sketch = self._first_sketch(state, group, cap)
-        options = dict(oversample=group["oversample"], power_iters=group["power_iters"])
-        rule = RANK_RULES[group["rank_rule"]]
-        total_energy = ctx.fro_sq(G)
-        while True:
-            # Fixed-accuracy range finder: grow the sketch until η is reached.
-            U, S, Vh = ctx.truncated_svd(G, sketch, group["backend"],
-                                         seed=self._sketch_seed(group, index, state, sketch),
-                                         **options)
-            rank, satisfied = rule(S, total_energy, group, state["rank"])
-            if satisfied or sketch >= cap:
-                break
-            sketch = min(2 * sketch, cap)
-        rank = max(1, min(rank, cap, S.numel()))
-        self._install_subspace(state, group, U, Vh, rank, shape, G.shape[0], ctx)
-
-    def _refresh_batched(self, group: dict, items: list[_Item]) -> None:
-        """``_refresh`` for many unsharded matrices: those of one shape and sketch
-        width are stacked (at most ``REFRESH_BATCH_BYTES`` of float32 gradients at
-        once) and decomposed by one batched SVD; their singular values and
-        ‖G‖_F reach the host in one transfer, the only synchronisation of the
-        batch. Matrices whose sketch fell short of η go round again, wider."""
-        rule = RANK_RULES[group["rank_rule"]]
-        options = dict(oversample=group["oversample"], power_iters=group["power_iters"])
-        pending = []
-        for it in items:
-            cap = self._rank_cap(group, it.shape)
-            pending.append((it, cap, self._first_sketch(it.state, group, cap)))
-        while pending:
-            buckets: dict[tuple[tuple[int, int], int], list] = {}
-            for entry in pending:
-                buckets.setdefault((entry[0].shape, entry[2]), []).append(entry)
-            pending = []
-            for ((m, n), sketch), members in buckets.items():
-                per_batch = max(1, REFRESH_BATCH_BYTES // (4 * m * n))
-                for start in range(0, len(members), per_batch):
-                    batch = members[start:start + per_batch]
-                    Gs = torch.stack([it.gradient() for it, _, _ in batch])
-                    seeds = [self._sketch_seed(group, it.index, it.state, sketch)
-                             for it, _, _ in batch]
-                    U, S, Vh = truncated_svd_batched(Gs, sketch, group["backend"],
-                                                     seeds=seeds, **options)
-                    norms = torch.linalg.vector_norm(Gs, dim=(1, 2))
-                    del Gs
-                    host = torch.cat([norms[:, None], S], dim=1).cpu()
-                    for j, (it, cap, _) in enumerate(batch):
-                        total_energy = float(host[j, 0]) ** 2
-                        rank, satisfied = rule(host[j, 1:], total_energy, group,
-                                               it.state["rank"])
-                        if satisfied or sketch >= cap:
-                            rank = max(1, min(rank, cap, S.shape[1]))
-                            self._install_subspace(it.state, group, U[j], Vh[j], rank,
-                                                   it.shape, m)
-                        else:
-                            pending.append((it, cap, min(2 * sketch, cap)))
-
-    def _install_subspace(
-        self, state: dict, group: dict, U: torch.Tensor, Vh: torch.Tensor, rank: int,
-        shape: tuple[int, int], local_rows: int, ctx: ShardContext = UNSHARDED,
-    ) -> None:
-        """Make the top-``rank`` singular vectors of a refresh the subspace: align
-        signs, carry the moments over (or create them), update the counters.
-        ``shape``: the whole matrix; ``local_rows``: this rank's rows of it."""
-        side = side_for(shape, group["proj_type"])
-        P_new, Q_new = projector_from_svd(U, Vh, rank, side)
-        P_old, Q_old = _projectors(state)
-        if self._align_signs:
-            P_new = None if P_new is None else ctx.align_rows(P_new, P_old)
-            Q_new = None if Q_new is None else align_signs(Q_new, Q_old)
-        if "exp_avg" in state:
-            self._change_subspace(state, group, P_new, Q_new, ctx)
-            if ctx.sharded:
-                state["overlap"] = ctx.overlap_rows(P_old, P_new) if P_new is not None else (
-                    subspace_overlap(Q_old, Q_new))
-            else:  # a 0-d tensor: no host synchronisation
-                state["overlap"] = subspace_overlap_tensor(
-                    *((P_old, P_new) if P_new is not None else (Q_old, Q_new)))
-        else:
-            # Right side: moments have G's rows (this rank's local_rows of them).
-            rows = rank if P_new is not None else local_rows
-            cols = rank if Q_new is not None else shape[1]
-            moments_rows = P_new is None
-            state["exp_avg"] = self._rows_state(U.new_zeros(rows, cols), ctx, moments_rows)
-            state["exp_avg_sq"] = self._rows_state(U.new_zeros(rows, cols), ctx, moments_rows)
-            # One accumulated weight per compact coordinate (see transfer_moments).
-            weight_shape = (rows if P_new is not None else 1, cols if Q_new is not None else 1)
-            state["bias1"] = U.new_zeros(weight_shape)
-            state["bias2"] = U.new_zeros(weight_shape)
-            _set_projectors(state, group, P_new, Q_new, ctx)
-        state["rank"] = rank
-        if group["lazy_refresh"]:
-            if P_new is not None:
-                self._lazy_schedule(state, group, P_new, ctx, basis_rows=True)
-            else:
-                self._lazy_schedule(state, group, Q_new)
-        state["refreshes"] += 1
-        state["since_refresh"] = 0
-
-    @staticmethod
-    def _gap(state: dict, group: dict) -> int:
-        if group["lazy_refresh"]:
-            return state.get("gap", group["update_gap"])
-        return group["update_gap"]
-
-    @staticmethod
-    def _rows_state(t: torch.Tensor, ctx: ShardContext, rows: bool) -> torch.Tensor:
-        """State tensor ``t``, stored as a row-sharded DTensor when it has the parameter's rows."""
-        return ctx.wrap_rows(t) if rows else t
-
-    @staticmethod
-    def _lazy_schedule(state: dict, group: dict, basis: torch.Tensor,
-                       ctx: ShardContext = UNSHARDED, basis_rows: bool = False) -> None:
-        """Q-GaLore's layer-adaptive gap (arXiv 2407.08296 §3.2): record |cos| between
-        the leading basis vectors of consecutive refreshes; once ``lazy_window`` are
-        recorded and their mean is at least ``lazy_threshold``, multiply this layer's
-        gap by ``lazy_factor`` and start a new window. |cos|, since an SVD fixes
-        each singular vector only up to sign. ``basis_rows``: the basis is a left
-        projector, row-sharded under FSDP2, so the cosine is all-reduced (else
-        ranks would choose different gaps and their collectives would deadlock)."""
-        lead = basis[:, 0].clone()
-        window = group["lazy_window"]
-        if "lead_vector" in state:
-            sims = state.get("lazy_sims")
-            if sims is None or sims.numel() != window:
-                sims = lead.new_zeros(window)
-            count = state.get("lazy_count", 0)
-            dot = ctx.dot_rows if basis_rows else torch.dot
-            sims[count % window] = dot(lead, local_tensor(state["lead_vector"])).abs()
-            count += 1
-            if count >= window and float(sims.mean()) >= group["lazy_threshold"]:
-                state["gap"] = state.get("gap", group["update_gap"]) * group["lazy_factor"]
-                count = 0
-            state["lazy_sims"], state["lazy_count"] = sims, count
-        state.setdefault("gap", group["update_gap"])
-        state["lead_vector"] = AdaRankAdamW._rows_state(lead, ctx, basis_rows)
-
-    def _track(self, G: torch.Tensor, state: dict, group: dict,
-               ctx: ShardContext = UNSHARDED) -> None:
-        P_new, Q_new = ctx.track(G, *_projectors(state))
-        self._change_subspace(state, group, P_new, Q_new, ctx)
-
-    def _change_subspace(
-        self, state: dict, group: dict, P_new: torch.Tensor | None, Q_new: torch.Tensor | None,
-        ctx: ShardContext = UNSHARDED,
-    ) -> None:
-        P_old, Q_old = _projectors(state)
-        C_left = None if P_new is None else ctx.matmul_tn(P_new, P_old)
-        C_right = None if Q_new is None else Q_new.T @ Q_old
-        moments = [local_tensor(state[key]) for key in _MOMENT_KEYS + _BIAS_KEYS]
-        moments = transfer_moments(*moments, C_left, C_right, group["moments"])
-        for key, value in zip(_MOMENT_KEYS + _BIAS_KEYS, moments, strict=True):
-            # Moments keep G's rows on the right side (no left projector).
-            state[key] = self._rows_state(value, ctx, key in _MOMENT_KEYS and P_new is None)
-        _set_projectors(state, group, P_new, Q_new, ctx)
 
     # ------------------------------------------------------------ accounting
 
@@ -867,7 +535,7 @@ class AdaRankAdamW(Optimizer):
 
     def refresh_gaps(self) -> dict[str, int]:
         """Current refresh gap of every low-rank parameter (grows under lazy refresh)."""
-        return {name: self._gap(self.state[p] if p in self.state else {}, group)
+        return {name: schedule.gap(self.state[p] if p in self.state else {}, group)
                 for name, p, group in self._lowrank_params()}
 
     def refresh_counts(self) -> dict[str, int]:
@@ -901,8 +569,8 @@ class AdaRankAdamW(Optimizer):
         for state in self.state.values():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
-                    kind = ("moments" if key in _MOMENT_KEYS
-                            else "projectors" if key.startswith(_PROJ_KEYS) else "other")
+                    kind = ("moments" if key in MOMENT_KEYS
+                            else "projectors" if key.startswith(PROJ_KEYS) else "other")
                     value = local_tensor(value)
                     out[kind] += value.numel() * value.element_size()
         out["total"] = sum(out.values())
@@ -924,6 +592,7 @@ class AdaRankAdamW(Optimizer):
             n for g in self.param_groups for n in g.get("param_names", [None] * len(g["params"]))
         ]
         name_by_id = dict(zip(saved_ids, names, strict=True))
+        state_dict = self._fill_group_keys(state_dict)
         saved_groups = {i: g for g in state_dict["param_groups"] for i in g["params"]}
         for pid, st in state_dict["state"].items():
             if pid in by_id:
@@ -940,6 +609,17 @@ class AdaRankAdamW(Optimizer):
                         device = "cpu" if key == "step" else p.device
                         self.state[p][key] = value.to(device=device, copy=True)
 
+    def _fill_group_keys(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with the group keys an older checkpoint lacks taken from this
+        optimizer's groups (torch's loader replaces a group by the saved one)."""
+        groups = []
+        for saved, current in zip(state_dict["param_groups"], self.param_groups, strict=False):
+            filled = {k: v for k, v in current.items() if k not in ("params", "param_names")}
+            filled.update(saved)
+            groups.append(filled)
+        groups += state_dict["param_groups"][len(groups):]
+        return {**state_dict, "param_groups": groups}
+
     @staticmethod
     def _check_state_fits(p: torch.Tensor, st: dict, group: dict, name: str) -> None:
         if "exp_avg" not in st:
@@ -947,7 +627,7 @@ class AdaRankAdamW(Optimizer):
         shape = tuple(p.shape)
         if group.get("lowrank") and p.ndim >= 2:
             m, n = shape[0], math.prod(shape[1:])
-            left, right = _projector_shape(st, "proj_left"), _projector_shape(st, "proj_right")
+            left, right = projector_shape(st, "proj_left"), projector_shape(st, "proj_right")
             rows = left[1] if left else m
             cols = right[1] if right else n
             fits = (
@@ -965,8 +645,16 @@ class AdaRankAdamW(Optimizer):
             )
 
 
+
 # GaLore's reference key names and ours.
 _GALORE_KEYS = {"rank": "max_rank", "update_proj_gap": "update_gap"}
+
+
+class GaLoreOptions(LowRankOptions, total=False):
+    """``LowRankOptions`` and the reference GaLore's names for two of them."""
+
+    rank: int  # max_rank
+    update_proj_gap: int  # update_gap
 
 
 class GaLoreAdamW(AdaRankAdamW):
@@ -982,9 +670,6 @@ class GaLoreAdamW(AdaRankAdamW):
     Stored groups use adarank's names (``max_rank``, ``update_gap``).
     """
 
-    _convention = "galore"
-    _align_signs = False
-
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -992,19 +677,21 @@ class GaLoreAdamW(AdaRankAdamW):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
-        **lowrank: Any,
+        **lowrank: Unpack[GaLoreOptions],
     ) -> None:
-        lowrank = self._translate_group(dict(lowrank))
+        options = self._translate_group(dict(lowrank))
         # Options given to the constructor apply to groups that do not say
         # otherwise; a rank given here makes those groups low-rank.
-        lowrank.setdefault("lowrank", "max_rank" in lowrank)
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **lowrank)
+        options.setdefault("lowrank", "max_rank" in options)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         **options)
 
     @classmethod
     def _lowrank_defaults(cls) -> dict[str, Any]:
         return dict(
             LOWRANK_DEFAULTS, lowrank=False, rank_rule="fixed", max_rank=128, backend="exact",
             track_every=0, check_every=0, refresh_below=0.0, moments="keep",
+            convention="galore", align_signs=False,
         )
 
     def _translate_group(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -1029,6 +716,16 @@ _QGALORE_KEYS = {
     "quant_n_bit": "proj_bits",
     "quant_group_size": "proj_group_size",
 }
+
+
+class QGaLoreOptions(GaLoreOptions, total=False):
+    """``GaLoreOptions`` and the Q-GaLore reference's names (see ``_QGALORE_KEYS``)."""
+
+    cos_threshold: float
+    gamma_proj: int
+    queue_size: int
+    quant_n_bit: int
+    quant_group_size: int
 
 
 class QGaLoreAdamW(GaLoreAdamW):
@@ -1060,3 +757,12 @@ class QGaLoreAdamW(GaLoreAdamW):
             if theirs in group:
                 group[ours] = group.pop(theirs)
         return super()._translate_group(group)
+
+
+def _finite_flags(grads: list[torch.Tensor], ops: list[RowOps]) -> list[bool]:
+    """``rows.all_finite``, agreed across ranks when any gradient is sharded."""
+    if any(o.sharded for o in ops):
+        from .distributed import finite_flags
+
+        return finite_flags(grads, ops)
+    return all_finite(grads)

@@ -19,16 +19,60 @@ too few to decide (the sketch must grow). Rules are registered by name in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import torch
 
-__all__ = ["RANK_RULES", "energy_rank", "energy_rule", "fixed_rule"]
+__all__ = [
+    "RANK_RULES",
+    "TIE_RTOL",
+    "RankRule",
+    "clamp_rank",
+    "energy_count",
+    "energy_rank",
+    "energy_rule",
+    "fixed_rule",
+    "rank_cap",
+]
+
+
+# A partial sum that reaches η·E in exact arithmetic can fall short by a few ulps after
+# rounding (σ² of a float32 σ, summation order): comparisons allow this relative slack, so
+# such ties count as reached (and η = 1 is reachable on a full spectrum).
+TIE_RTOL = 1e-9
+
+
+def energy_count(
+    s: torch.Tensor, eta: float, total_energy: float | None = None
+) -> int | None:
+    """The one definition of the energy rank: smallest ``k`` with
+    ``Σ_{i≤k} s_i² ≥ η · E·(1 − TIE_RTOL)``, ``E = total_energy`` or ``Σ s_i²``.
+
+    Contract: ``s`` is 1-D, descending, finite and non-negative (any float dtype; summed
+    in float64). Returns ``k`` in ``[1, len(s)]``; ``0`` when ``E = 0`` (a zero spectrum
+    has no direction to keep); ``None`` when even all of ``s`` falls short of ``η·E`` (η
+    is not reached from the values given: ``s`` is the top of a longer spectrum).
+    ``ValueError`` for η outside (0, 1].
+    """
+    if not 0.0 < eta <= 1.0:
+        raise ValueError(f"eta must be in (0, 1], got {eta}")
+    cumulative = torch.cumsum(s.detach().to(torch.float64).square(), 0)
+    if total_energy is None:
+        total = float(cumulative[-1]) if cumulative.numel() else 0.0
+    else:
+        total = float(total_energy)
+    if total <= 0.0:
+        return 0
+    target = eta * total * (1.0 - TIE_RTOL)
+    reached = torch.nonzero(cumulative >= target)
+    if reached.numel() == 0:
+        return None
+    return int(reached[0, 0]) + 1
 
 
 def energy_rank(s: torch.Tensor, eta: float, total_energy: float | None = None) -> int:
-    """Smallest ``k`` with ``Σ_{i≤k} s_i² ≥ η · total_energy``.
+    """The energy rank as a rank rule needs it (``energy_count`` with two mappings).
 
     Args:
         s: singular values in descending order (1-D, any float dtype).
@@ -38,24 +82,37 @@ def energy_rank(s: torch.Tensor, eta: float, total_energy: float | None = None) 
 
     Returns:
         ``k`` in ``[1, len(s)]``; ``len(s) + 1`` when even all of ``s`` falls short,
-        which tells the caller the spectrum given was too short.
+        which tells the caller the spectrum given was too short; 1 for a zero spectrum
+        (a subspace needs at least one direction).
     """
-    if not 0.0 < eta <= 1.0:
-        raise ValueError(f"eta must be in (0, 1], got {eta}")
-    energy = s.detach().to(torch.float64).square()
-    cumulative = torch.cumsum(energy, 0)
-    total = float(cumulative[-1]) if total_energy is None else float(total_energy)
-    if total <= 0.0:
-        return 1
-    # A relative slack of a few ulps keeps η = 1 reachable on a full spectrum.
-    target = eta * total * (1.0 - 1e-12)
-    reached = torch.nonzero(cumulative >= target)
-    if reached.numel() == 0:
+    k = energy_count(s, eta, total_energy)
+    if k is None:
         return int(s.numel()) + 1
-    return int(reached[0, 0]) + 1
+    return max(k, 1)
 
 
-RankRule = Callable[[torch.Tensor, float, Mapping[str, Any], int], tuple[int, bool]]
+def rank_cap(max_rank: int, shape: tuple[int, int]) -> int:
+    """The largest rank a matrix of ``shape`` may get: ``max_rank`` clamped to min(m, n)."""
+    return max(1, min(max_rank, *shape))
+
+
+def clamp_rank(rank: int, cap: int, available: int) -> int:
+    """The one rank clamp: at least 1, at most ``cap`` and the ``available`` singular
+    vectors of the SVD that chose it."""
+    return max(1, min(rank, cap, available))
+
+
+class RankRule(Protocol):
+    """A rank rule: from the singular values ``S`` of a sketch (descending), the exact
+    ``total_energy = ‖G‖_F²``, the param group and the previous rank (0 at first),
+    return ``(rank, satisfied)``; ``satisfied`` is False when ``S`` is too short to
+    decide (the sketch must grow). Registered by name in ``RANK_RULES``; a group stores
+    the name, and the options a rule reads are group keys."""
+
+    def __call__(
+        self, S: torch.Tensor, total_energy: float, group: Mapping[str, Any],
+        previous_rank: int,
+    ) -> tuple[int, bool]: ...
 
 
 def energy_rule(

@@ -18,6 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
+
+from adarank.rank import energy_count
 
 __all__ = [
     "energy_rank",
@@ -29,9 +32,6 @@ __all__ = [
     "stable_rank",
 ]
 
-# A partial sum that reaches η·E in exact arithmetic can fall short by a few ulps after rounding
-# (σ² of a float32 σ, summation order); comparisons allow this relative slack so such ties count.
-_TIE_RTOL = 1e-9
 
 
 def _as_float64(x: Any) -> np.ndarray:
@@ -87,17 +87,10 @@ def energy_rank(s: Any, eta: float, *, total_energy: float | None = None) -> int
     if not 0 < eta <= 1:
         raise ValueError(f"eta must lie in (0, 1], got {eta}")
     s = _spectrum(s)
-    cumulative = np.cumsum(s**2)
-    energy = float(cumulative[-1]) if s.size else 0.0
-    if total_energy is not None:
-        if not np.isfinite(total_energy) or total_energy < 0:
-            raise ValueError(f"total_energy must be finite and non-negative, got {total_energy}")
-        energy = float(total_energy)
-    if energy == 0:
-        return 0
-    threshold = eta * energy * (1 - _TIE_RTOL)
-    k = int(np.searchsorted(cumulative, threshold, side="left"))
-    return k + 1 if k < s.size else None
+    if total_energy is not None and (not np.isfinite(total_energy) or total_energy < 0):
+        raise ValueError(f"total_energy must be finite and non-negative, got {total_energy}")
+    # adarank's one definition (``adarank.rank.energy_count``) on the sorted spectrum.
+    return energy_count(torch.from_numpy(s.copy()), eta, total_energy)
 
 
 def singular_values(G: Any) -> np.ndarray:

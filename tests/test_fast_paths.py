@@ -18,7 +18,8 @@ from helpers import low_rank_plus_noise
 from torch import nn
 
 import adarank
-from adarank import optimizer as optimizer_module
+from adarank import refresh as refresh_module
+from adarank import rows as rows_module
 from adarank.functional import apply_lowrank_update_, apply_update_
 from adarank.rsvd import (
     randomized_svd,
@@ -234,13 +235,13 @@ def test_one_gemm_update_of_a_non_contiguous_weight():
 
 def test_refresh_runs_one_batched_svd_per_shape(monkeypatch):
     calls = []
-    real = optimizer_module.truncated_svd_batched
+    real = rows_module.truncated_svd_batched
 
     def counting(G, k, backend, **kwargs):
         calls.append((tuple(G.shape), k))
         return real(G, k, backend, **kwargs)
 
-    monkeypatch.setattr(optimizer_module, "truncated_svd_batched", counting)
+    monkeypatch.setattr(rows_module, "truncated_svd_batched", counting)
     model = ShapesNet()
     opt = adarank.GaLoreAdamW(groups(model, rank=4), lr=1e-2)
     loss_at(model, 0, torch.float32).backward()
@@ -254,10 +255,10 @@ def test_refresh_batches_are_capped_in_bytes(monkeypatch):
     """A cap of one 16×16 float32 matrix splits the pair into two batches, same result."""
     cls, options = CONFIGS["adarank"]
     reference = run(cls, options, foreach=True, steps=8)
-    monkeypatch.setattr(optimizer_module, "REFRESH_BATCH_BYTES", 16 * 16 * 4)
+    monkeypatch.setattr(refresh_module, "REFRESH_BATCH_BYTES", 16 * 16 * 4)
     sizes = []
-    real = optimizer_module.truncated_svd_batched
-    monkeypatch.setattr(optimizer_module, "truncated_svd_batched",
+    real = rows_module.truncated_svd_batched
+    monkeypatch.setattr(rows_module, "truncated_svd_batched",
                         lambda G, *a, **k: sizes.append(G.shape[0]) or real(G, *a, **k))
     capped = run(cls, options, foreach=True, steps=8)
     assert sizes and max(sizes) == 1
