@@ -190,10 +190,14 @@ def _quantize_groups(
     qmax = (1 << bits) - 1
     low = groups.amin(dim=1)
     high = groups.amax(dim=1)
-    scale = (high - low) / qmax
+    # Halved: a group spanning ±3e38 has max − min beyond float32's range (inf, and
+    # then NaN codes); halves of finite floats never overflow. Halving is exact
+    # except for subnormals (it loses their last bit, 2⁻¹⁴⁹ at most).
+    half_scale = (high * 0.5 - low * 0.5) / qmax
+    scale = half_scale * 2
     # A constant group has scale 0: every code is 0 and x̂ = zero = x exactly.
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    t = (groups - low[:, None]) / safe[:, None]
+    safe = torch.where(half_scale > 0, half_scale, torch.ones_like(half_scale))
+    t = (groups * 0.5 - (low * 0.5)[:, None]) / safe[:, None]
     t = stochastic_round(t, generator) if stochastic else torch.round(t)
     # Only float rounding can push t past qmax (e.g. (max − min)/scale = 255.00002).
     codes = t.clamp_(0, qmax).to(torch.uint8)
@@ -263,8 +267,10 @@ def _dequantize_codes(
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     groups = flat.view(-1, group_size).to(torch.float32)
-    x = torch.addcmul(zero.float()[:, None], groups, scale.float()[:, None])
-    return x.reshape(-1)[:numel].reshape(shape)
+    # 2·(zero/2 + (scale/2)·q): zero + scale·q itself can pass float32's maximum on
+    # the way to a finite x̂ (q·scale ≈ max − min); see ``_quantize_groups``.
+    x = torch.addcmul(zero.float()[:, None] * 0.5, groups, scale.float()[:, None] * 0.5)
+    return x.mul_(2).reshape(-1)[:numel].reshape(shape)
 
 
 def dequantize(q: Mapping[str, Any]) -> torch.Tensor:

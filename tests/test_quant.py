@@ -138,6 +138,40 @@ def test_extreme_values_of_a_group_are_exact(bits):
     assert bool(((x_hat.amax(1) - x.amax(1)).abs() <= slack).all())
 
 
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_groups_spanning_the_float32_range_stay_finite_and_within_bound(bits, stochastic):
+    # max − min of these groups (up to 2·3.4e38) overflows float32; the scale must not.
+    big = torch.finfo(torch.float32).max
+    x = torch.tensor([[big, -big, 0.0, 1.0, 5e37, -7e37, 3e38, -1e-30],
+                      [3e38, -3e38, 2e38, -2e38, 1e38, -1e38, 0.0, 1e-45]])
+    q = quantize(x, bits, group_size=8, stochastic=stochastic,
+                 generator=torch.Generator().manual_seed(0))
+    x_hat = dequantize(q)
+    assert bool(torch.isfinite(q["scale"]).all()) and bool(torch.isfinite(x_hat).all())
+    ref = x.double()
+    scale = (ref.amax(1) - ref.amin(1)) / (2**bits - 1)  # float64, no overflow
+    slack = 8 * EPS32 * ref.abs().amax(1)
+    assert bool(((q["scale"].double() - scale).abs() <= slack).all())
+    bound = (scale if stochastic else scale / 2) + slack
+    assert bool(((x_hat.double() - ref).abs() <= bound[:, None]).all())
+
+
+def test_int8linear_holds_a_weight_spanning_three_e38():
+    linear = nn.Linear(8, 2, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[3e38, -3e38, 1.0, 0.0, 2e38, -1e38, 0.5, 7.0],
+                                          [-3e38, 3e38, 0.0, 1e30, 1.0, 2.0, 3.0, 4.0]]))
+    layer = Int8Linear.from_linear(linear, group_size=8)
+    W = layer.dequantized_weight()
+    assert bool(torch.isfinite(W).all()) and bool(torch.isfinite(layer.weight_scale).all())
+    err = (W.double() - linear.weight.detach().double()).abs()
+    slack = 8 * EPS32 * 3e38
+    assert bool((err <= layer.weight_scale.double()[:, None] / 2 + slack).all())
+    layer.apply_update_(torch.zeros(2, 8), generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(layer.dequantized_weight()).all())
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_stochastic_quantize_is_unbiased_and_within_one_scale(bits):
     # 200 draws of a 3-group tensor; per element σ ≤ scale/2, mean within 5σ/√N.
