@@ -236,6 +236,7 @@ def load_log(path: str | os.PathLike) -> SpectrumLog:
         raise LogError(f"{path}: the header has no format version")
     if header["version"] > VERSION:
         raise LogError(f"{path}: log format version {header['version']} is newer than this reader")
+    _check_header(path, header)
 
     records: list[dict[str, Any]] = []
     for entry in entries[1:]:
@@ -253,6 +254,48 @@ def load_log(path: str | os.PathLike) -> SpectrumLog:
             records.pop()
         records.append(entry)
     return _to_arrays(str(path), header, records)
+
+
+def _check_header(path: Path, header: dict[str, Any]) -> None:
+    """Refuse, as ``LogError``, header fields of the wrong JSON type that readers index into.
+
+    Every field is optional (None or absent), but one that is present must have the type the
+    writer gives it: ``model``/``optimizer``/``settings``/``meta`` objects whose ``class`` is a
+    string, ``run_name`` a string, and per layer a string ``type``, a list of integers
+    ``shape`` and a pair of non-negative integers ``matrix_shape``.
+    """
+
+    def fail(field: str, expected: str, value: Any) -> None:
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise LogError(f"{path}: malformed header: {field} should be {expected}, got {shown}")
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    for key in ("model", "optimizer", "settings", "meta"):
+        value = header.get(key)
+        if value is not None and not isinstance(value, dict):
+            fail(f"'{key}'", "an object or null", value)
+        if key in ("model", "optimizer") and value is not None:
+            if value.get("class") is not None and not isinstance(value["class"], str):
+                fail(f"'{key}.class'", "a string", value["class"])
+    if header.get("run_name") is not None and not isinstance(header["run_name"], str):
+        fail("'run_name'", "a string or null", header["run_name"])
+    for layer in header.get("layers", []):
+        name = layer["name"]
+        kind = layer.get("type")
+        if kind is not None and not isinstance(kind, str):
+            fail(f"the type of layer {name!r}", "a string", kind)
+        shape = layer.get("shape")
+        if shape is not None and not (isinstance(shape, list) and all(map(count, shape))):
+            fail(f"the shape of layer {name!r}", "a list of non-negative integers", shape)
+        matrix = layer.get("matrix_shape")
+        if matrix is not None and not (
+            isinstance(matrix, list) and len(matrix) == 2 and all(map(count, matrix))
+        ):
+            fail(f"the matrix_shape of layer {name!r}", "a pair of non-negative integers",
+                 matrix)
 
 
 def _to_arrays(path: str, header: dict[str, Any], records: list[dict[str, Any]]) -> SpectrumLog:

@@ -158,6 +158,60 @@ def test_bad_logs_give_one_line_error_and_nonzero_exit(command, logs, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def _with_header(good: Path, path: Path, edit) -> Path:
+    lines = good.read_bytes().split(b"\n")
+    header = json.loads(lines[0])
+    edit(header)
+    path.write_bytes(b"\n".join([json.dumps(header).encode(), *lines[1:]]))
+    return path
+
+
+def _set_layer_field(key, value):
+    def edit(header):
+        header["layers"][0][key] = value
+    return edit
+
+
+MALFORMED_HEADERS = {
+    "model is a string": lambda h: h.update(model="LlamaForCausalLM"),
+    "optimizer is a string": lambda h: h.update(optimizer="GaLoreAdamW"),
+    "optimizer class is a number": lambda h: h["optimizer"].update({"class": 3}),
+    "model is a list": lambda h: h.update(model=["m"]),
+    "run_name is an object": lambda h: h.update(run_name={"a": 1}),
+    "matrix_shape is one number": _set_layer_field("matrix_shape", 64),
+    "matrix_shape has three entries": _set_layer_field("matrix_shape", [4, 4, 4]),
+    "matrix_shape is a string": _set_layer_field("matrix_shape", "64x64"),
+    "matrix_shape holds a float": _set_layer_field("matrix_shape", [64, 1.5]),
+    "shape is a number": _set_layer_field("shape", 7),
+    "type is a list": _set_layer_field("type", ["q"]),
+}
+
+
+@pytest.mark.parametrize("command", ["summary", "plot", "compare"])
+@pytest.mark.parametrize("kind", list(MALFORMED_HEADERS))
+def test_malformed_header_gives_one_line_error_and_exit_1(kind, command, logs, tmp_path,
+                                                          capsys):
+    path = _with_header(logs["galore"], tmp_path / "bad.jsonl", MALFORMED_HEADERS[kind])
+    args = [command, path] + (["--out", tmp_path / "out"] if command != "summary" else [])
+    status, _, err = run_cli(*args, capsys=capsys)
+    assert status == 1, err
+    assert err.startswith(f"adarank-spectrum: error: {path}: malformed header") and (
+        err.count("\n") == 1), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_header_fields_may_be_null(logs, tmp_path, capsys):
+    def blank(header):
+        header.update(model=None, optimizer=None, run_name=None)
+        for layer in header["layers"]:
+            layer.update(matrix_shape=None, type=None, shape=None)
+
+    path = _with_header(logs["galore"], tmp_path / "nulls.jsonl", blank)
+    status, out, err = run_cli("summary", path, capsys=capsys)
+    assert status == 0, err
+    assert "no optimizer" in out
+
+
 def test_torn_log_still_summarises_with_a_warning(logs, tmp_path, capsys):
     data = logs["adarank"].read_bytes()
     torn = tmp_path / "torn.jsonl"
