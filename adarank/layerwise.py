@@ -16,9 +16,17 @@ What this mode cannot do, by construction:
   ``LayerwiseOptimizer.step()`` raises ``RuntimeError``; call ``step()`` once
   after every backward (it only marks the end of an iteration).
 - **Clipping by global norm**: the norm needs every gradient at once, and no
-  gradient survives backward. ``torch.nn.utils.clip_grad_norm_`` on the model
-  would silently see no gradients; ``LayerwiseOptimizer.clip_grad_norm_``
-  raises instead.
+  gradient survives backward. So that no tool silently sees "no gradients"
+  (``torch.nn.utils.clip_grad_norm_`` would return 0 and clip nothing, a
+  ``GradScaler`` would unscale nothing), the hook leaves in ``p.grad`` a
+  ``ConsumedGrad``: a marker of the gradient's shape, dtype and device that
+  holds no memory and raises ``RuntimeError`` on any operation. Clipping,
+  unscaling, norms or any read of the values then fail with an explanation.
+  ``LayerwiseOptimizer.step()`` and ``zero_grad()`` (and ``model.zero_grad()``,
+  which sets ``.grad`` to None) clear the markers; a backward pass that runs
+  before that meets a marker while accumulating and raises too (see below).
+  A gradient consumed without a step (a future accumulation step) must leave
+  None, not a marker: only a stepped parameter carries one.
 - A parameter updated in place while autograd still needs its old value (one
   tensor feeding two places whose backward runs after its own hook) makes
   autograd raise its in-place modification error.
@@ -47,12 +55,67 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
+from torch.utils._pytree import tree_flatten
 
 from .quant import is_int8_weight
 
-__all__ = ["LayerwiseOptimizer", "layerwise"]
+__all__ = ["ConsumedGrad", "LayerwiseOptimizer", "layerwise"]
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
+
+# Accumulating into an existing .grad (AccumulateGrad) is add_ or, under create_graph, add.
+_ACCUMULATE = {torch.ops.aten.add_.Tensor, torch.ops.aten.add.Tensor}
+
+
+class ConsumedGrad(torch.Tensor):
+    """What layer-wise mode leaves in ``p.grad`` once the hook has stepped ``p``.
+
+    A tensor with the gradient's shape, dtype, device and strides but no storage
+    (0 bytes): ``p.grad is not None`` stays true, so a whole-model tool that
+    reads gradients after backward (``clip_grad_norm_``, ``GradScaler.unscale_``,
+    a norm in a logger) reaches it and every operation on it raises
+    ``RuntimeError`` explaining why, instead of silently finding no gradients.
+    Attributes: ``param_name``, the parameter's name. Cleared (``.grad = None``) by
+    ``LayerwiseOptimizer.step()``/``zero_grad()``/``remove()`` and by
+    ``model.zero_grad()``.
+    """
+
+    param_name: str
+
+    @staticmethod
+    def __new__(cls, like: torch.Tensor, name: str) -> ConsumedGrad:
+        marker = torch.Tensor._make_wrapper_subclass(
+            cls, like.shape, strides=like.stride(), dtype=like.dtype, device=like.device,
+            requires_grad=False,
+        )
+        marker.param_name = name
+        return marker
+
+    def __init__(self, like: torch.Tensor, name: str) -> None:
+        pass
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        return (f"ConsumedGrad(param_name={self.param_name!r}, shape={tuple(self.shape)}, "
+                f"dtype={self.dtype})")
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+        flat, _ = tree_flatten((args, kwargs))
+        marker = next(a for a in flat if isinstance(a, ConsumedGrad))
+        if func in _ACCUMULATE:
+            raise RuntimeError(
+                f"layer-wise mode: parameter {marker.param_name} received a second gradient before "
+                "LayerwiseOptimizer.step(). Each parameter is stepped inside backward and its "
+                "gradient freed, so gradients cannot be accumulated over several backward "
+                "passes. Call step() after every backward, or use the normal optimizer."
+            )
+        raise RuntimeError(
+            f"layer-wise mode: the gradient of {marker.param_name} was used by its optimizer step "
+            f"inside backward and freed; .grad holds a marker without values ({func} was "
+            "called on it). Whole-model gradient operations after backward (clip_grad_norm_, "
+            "GradScaler.unscale_, gradient norms) cannot work in layer-wise mode: train "
+            "without them or use the normal optimizer."
+        )
 
 
 class LayerwiseOptimizer:
@@ -130,9 +193,10 @@ class LayerwiseOptimizer:
             self._stepped.add(name)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            p.grad = None
             if is_int8_weight(p):
                 p.weight_grad = None
+            else:
+                p.grad = ConsumedGrad(p, name)
 
         return hook
 
@@ -149,16 +213,20 @@ class LayerwiseOptimizer:
             with torch.enable_grad():
                 loss = closure()
         self._stepped.clear()
+        self._clear_grads()
         self.steps += 1
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drop any gradient left (none after a hooked backward); always sets None."""
-        del set_to_none  # gradients are freed, never zero-filled
+    def _clear_grads(self) -> None:
         for p in self._params.values():
             p.grad = None
             if is_int8_weight(p):
                 p.weight_grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop any gradient left (none after a hooked backward); always sets None."""
+        del set_to_none  # gradients are freed, never zero-filled
+        self._clear_grads()
 
     def clip_grad_norm_(self, *args: Any, **kwargs: Any) -> None:
         """Always raises: clipping by global norm needs all gradients at once."""
@@ -189,6 +257,7 @@ class LayerwiseOptimizer:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._clear_grads()
 
     # ---------------------------------------------------------- accounting
 

@@ -11,7 +11,7 @@ from helpers import TinyNet, batch, train
 from torch import nn
 
 import adarank
-from adarank.layerwise import layerwise
+from adarank.layerwise import ConsumedGrad, layerwise
 from adarank.quant import Int8Linear, is_int8_weight, quantize_linears
 
 # Each factory builds an optimizer from param groups; "groups" the groups to split.
@@ -72,7 +72,9 @@ def test_layerwise_gives_the_parameters_of_the_normal_step(name):
 
 
 def grad_bytes_alive(params: list[torch.Tensor]) -> int:
-    return sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    # A ConsumedGrad marker has no storage (checked in test_consumed_marker_holds_no_memory).
+    return sum(p.grad.numel() * p.grad.element_size() for p in params
+               if p.grad is not None and not isinstance(p.grad, ConsumedGrad))
 
 
 def test_layerwise_peak_gradient_memory_drops():
@@ -122,6 +124,56 @@ def test_clipping_is_refused():
     lw = layerwise(model, factory, groups=groups)
     with pytest.raises(RuntimeError, match="does not support gradient clipping"):
         lw.clip_grad_norm_(1.0)
+
+
+def _backward_layerwise(name: str = "galore-exact"):
+    model, factory, groups = build(name)
+    lw = layerwise(model, factory, groups=groups)
+    x, y = batch(0)
+    (model(x) - y).square().mean().backward()
+    return model, lw
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+def test_standard_clip_grad_norm_raises_instead_of_clipping_nothing(foreach):
+    model, lw = _backward_layerwise()
+    with pytest.raises(RuntimeError, match="clip_grad_norm_.*cannot work in layer-wise mode"):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=foreach)
+    with pytest.raises(RuntimeError, match="cannot work in layer-wise mode"):
+        torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
+
+
+def test_grad_scaler_unscale_raises_in_layerwise_mode():
+    model, lw = _backward_layerwise()
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.ones(()))  # initialises the scale, as scaler.scale(loss) does
+    with pytest.raises(RuntimeError, match="cannot work in layer-wise mode"):
+        scaler.unscale_(lw)
+
+
+def test_consumed_marker_holds_no_memory_and_names_the_parameter():
+    model, lw = _backward_layerwise()
+    for name, p in model.named_parameters():
+        assert isinstance(p.grad, ConsumedGrad) and p.grad.param_name == name
+        assert p.grad.shape == p.shape and p.grad.dtype == p.dtype
+        with pytest.raises(RuntimeError, match="invalid python storage"):
+            p.grad.untyped_storage().data_ptr()  # a wrapper with no data behind it
+        assert name in repr(p.grad)
+    lw.step()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("clear", ["zero_grad", "model.zero_grad", "remove", "step"])
+def test_markers_are_cleared_and_training_continues(clear):
+    model, lw = _backward_layerwise()
+    {"step": lw.step, "zero_grad": lw.zero_grad, "model.zero_grad": model.zero_grad,
+     "remove": lw.remove}[clear]()
+    assert all(p.grad is None for p in model.parameters())
+    if clear != "remove":
+        lw.step()  # the end of the iteration, still required
+    x, y = batch(1)
+    (model(x) - y).square().mean().backward()  # no marker met while accumulating
+    assert all(p.grad is not None for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", ["galore-exact", "adarank-exact-rotate"])
