@@ -48,6 +48,7 @@ Usage::
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -56,12 +57,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils._pytree import tree_flatten
+from torch.utils.hooks import RemovableHandle
 
 from .quant import is_int8_weight
 
 __all__ = ["ConsumedGrad", "LayerwiseOptimizer", "layerwise"]
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
+ParamStepHook = Callable[[str, torch.Tensor, Optimizer], None]
 
 # Accumulating into an existing .grad (AccumulateGrad) is add_ or, under create_graph, add.
 _ACCUMULATE = {torch.ops.aten.add_.Tensor, torch.ops.aten.add.Tensor}
@@ -147,6 +150,9 @@ class LayerwiseOptimizer:
         self._params: dict[str, torch.Tensor] = {}
         self._stepped: set[str] = set()
         self._handles: list[Any] = []
+        # OrderedDict: RemovableHandle keeps a weak reference, which a plain dict refuses.
+        self._param_hooks: OrderedDict[int, ParamStepHook] = OrderedDict()
+        self._step_pre_hooks: OrderedDict[int, Callable[..., None]] = OrderedDict()
         for group in groups:
             params = list(group["params"])
             names = list(group.get("param_names") or [])
@@ -191,6 +197,8 @@ class LayerwiseOptimizer:
                     "Call step() after every backward, or use the normal optimizer."
                 )
             self._stepped.add(name)
+            for param_hook in list(self._param_hooks.values()):
+                param_hook(name, p, opt)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if is_int8_weight(p):
@@ -212,6 +220,8 @@ class LayerwiseOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for pre_hook in list(self._step_pre_hooks.values()):
+            pre_hook(self, (), {})
         self._stepped.clear()
         self._clear_grads()
         self.steps += 1
@@ -222,6 +232,23 @@ class LayerwiseOptimizer:
             p.grad = None
             if is_int8_weight(p):
                 p.weight_grad = None
+
+    def register_param_step_hook(self, hook: ParamStepHook) -> RemovableHandle:
+        """Call ``hook(name, param, optimizer)`` inside backward, when ``param.grad`` holds
+        the parameter's full gradient, just before ``optimizer`` (its per-parameter
+        optimizer) steps it: the one moment a layer-wise gradient can be read, e.g. by
+        a spectrum logger. Returns a handle with ``.remove()``."""
+        handle = RemovableHandle(self._param_hooks)
+        self._param_hooks[handle.id] = hook
+        return handle
+
+    def register_step_pre_hook(self, hook: Callable[..., None]) -> RemovableHandle:
+        """Call ``hook(self, args, kwargs)`` at the start of every ``step()`` (after its
+        closure), as ``torch.optim.Optimizer.register_step_pre_hook``: the end of an
+        iteration, when every parameter of it has been stepped."""
+        handle = RemovableHandle(self._step_pre_hooks)
+        self._step_pre_hooks[handle.id] = hook
+        return handle
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop any gradient left (none after a hooked backward); always sets None."""

@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from adarank.layerwise import ConsumedGrad, LayerwiseOptimizer
 from analysis import metrics
 from analysis.io import LogWriter
 from analysis.layer_types import layer_type
@@ -43,6 +45,18 @@ class SpectrumLogger:
     fraction ‖PᵀG‖_F/‖G‖_F it last captured, its refresh count, and its state memory. Those are
     as of the optimizer's last ``step()`` (this step's has not run yet); a weight it has not yet
     stepped has no rank (null). With gradient accumulation, record after the last backward.
+    A call that finds no gradient on any tracked weight (after ``zero_grad``, say) writes an empty
+    record and warns.
+
+    Layer-wise training (``adarank.layerwise``): gradients exist only inside backward, so pass the
+    ``LayerwiseOptimizer`` as ``optimizer``; the logger then measures each tracked weight in the
+    optimizer's per-parameter hook, just before that parameter's step, on iterations whose
+    ``LayerwiseOptimizer.steps`` is a multiple of ``every``. Call ``record(lw.steps, loss=...)``
+    after backward (before or after ``lw.step()``: the step is that of the backward), or
+    ``attach()``; ``force`` cannot measure an iteration off the grid. The ranks and captured
+    energy are as of each parameter's previous step, as above; ``state_bytes`` is read at
+    ``record`` time, after this iteration's steps. Without the optimizer, ``record`` raises
+    ``ValueError`` (the gradients it would read are consumed markers).
 
     Example::
 
@@ -129,6 +143,15 @@ class SpectrumLogger:
         self._writer: LogWriter | None = None
         if _is_writing_rank():
             self._writer = LogWriter(path, self._header(run_name, meta), resume=resume)
+        # Layer-wise: measurements taken inside backward, waiting for record(step).
+        self._layerwise = isinstance(optimizer, LayerwiseOptimizer)
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._pending_step: int | None = None
+        self._pending_seconds = 0.0
+        self._hook_handle = None
+        if self._layerwise and self._writer is not None:
+            self._index_of = {id(param): i for i, (_, param) in enumerate(self._tracked)}
+            self._hook_handle = optimizer.register_param_step_hook(self._measure_in_backward)
 
     # -- public ------------------------------------------------------------------------------
 
@@ -152,14 +175,29 @@ class SpectrumLogger:
         if self._writer is None or (step % self.every and not force):
             return None
         started = time.perf_counter()
-        layers: dict[str, dict[str, Any]] = {}
-        with torch.no_grad():
-            for index, (name, param) in enumerate(self._tracked):
-                # An INT8 weight (adarank.Int8Linear) keeps its float gradient aside.
-                grad = param.grad if param.grad is not None else getattr(
-                    param, "weight_grad", None)
-                if grad is not None and grad.layout == torch.strided:
-                    layers[name] = self._measure(grad, index, step)
+        if self._layerwise:
+            layers = self._take_pending(step)
+        else:
+            layers = {}
+            with torch.no_grad():
+                for index, (name, param) in enumerate(self._tracked):
+                    grad = _grad_of(param)
+                    if isinstance(grad, ConsumedGrad):
+                        raise ValueError(
+                            f"SpectrumLogger.record: the gradient of {name} was consumed inside "
+                            "backward by a layer-wise optimizer (adarank.layerwise); pass "
+                            "optimizer=<the LayerwiseOptimizer> to SpectrumLogger so that it "
+                            "measures the gradients there"
+                        )
+                    if grad is not None and grad.layout == torch.strided:
+                        layers[name] = self._measure(grad, index, step)
+        if self._tracked and not layers:
+            warnings.warn(
+                f"SpectrumLogger.record(step={step}): none of the {len(self._tracked)} tracked "
+                "weights has a gradient, so the record holds no layers; call record() after "
+                "backward() and before zero_grad()",
+                stacklevel=2,
+            )
         record: dict[str, Any] = {
             "kind": "record",
             "step": int(step),
@@ -168,21 +206,28 @@ class SpectrumLogger:
         }
         record.update(self._optimizer_facts(layers))
         record["layers"] = layers
-        record["record_seconds"] = time.perf_counter() - started
+        measured_in_backward, self._pending_seconds = self._pending_seconds, 0.0
+        record["record_seconds"] = time.perf_counter() - started + measured_in_backward
         self._writer.append(record)
-        self.seconds += time.perf_counter() - started
+        self.seconds += time.perf_counter() - started + measured_in_backward
         return record
 
-    def attach(self, optimizer: torch.optim.Optimizer | None = None, *, start_step: int = 0):
+    def attach(
+        self, optimizer: torch.optim.Optimizer | None = None, *, start_step: int | None = None
+    ):
         """Record automatically just before every ``optimizer.step()``, when gradients are final.
 
-        Steps count optimizer steps from ``start_step``; no loss is stored. Returns the hook
-        handle (``handle.remove()`` detaches).
+        Steps count optimizer steps from ``start_step`` (default 0); no loss is stored. For a
+        ``LayerwiseOptimizer`` (which must be the logger's own ``optimizer``) the step is its
+        ``steps`` count and ``start_step``, if given, must equal it. Returns the hook handle
+        (``handle.remove()`` detaches).
         """
         optimizer = optimizer if optimizer is not None else self.optimizer
         if optimizer is None:
             raise ValueError("attach() needs an optimizer (pass one here or to SpectrumLogger)")
-        step = start_step
+        if isinstance(optimizer, LayerwiseOptimizer):
+            return self._attach_layerwise(optimizer, start_step)
+        step = 0 if start_step is None else start_step
 
         def before_step(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
             nonlocal step
@@ -191,7 +236,27 @@ class SpectrumLogger:
 
         return optimizer.register_step_pre_hook(before_step)
 
+    def _attach_layerwise(self, optimizer: LayerwiseOptimizer, start_step: int | None):
+        if optimizer is not self.optimizer:
+            raise ValueError(
+                "attach(): a LayerwiseOptimizer must be the one passed to "
+                "SpectrumLogger(optimizer=...), which measures its gradients inside backward"
+            )
+        if start_step is not None and start_step != optimizer.steps:
+            raise ValueError(
+                f"attach(): start_step={start_step}, but layer-wise steps are counted by the "
+                f"LayerwiseOptimizer, now at steps={optimizer.steps}; leave start_step out"
+            )
+
+        def before_step(lw: LayerwiseOptimizer, _args: Any, _kwargs: Any) -> None:
+            self.record(lw.steps)
+
+        return optimizer.register_step_pre_hook(before_step)
+
     def close(self) -> None:
+        if self._hook_handle is not None:
+            self._hook_handle.remove()
+            self._hook_handle = None
         if self._writer is not None:
             self._writer.close()
 
@@ -202,6 +267,40 @@ class SpectrumLogger:
         self.close()
 
     # -- measurement -------------------------------------------------------------------------
+
+    def _measure_in_backward(
+        self, _name: str, param: torch.Tensor, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """LayerwiseOptimizer hook: measure ``param``'s gradient before its step, if due."""
+        step = self.optimizer.steps
+        index = self._index_of.get(id(param))
+        if step % self.every or index is None:
+            return
+        started = time.perf_counter()
+        if self._pending_step != step:
+            self._pending, self._pending_step = {}, step
+        grad = _grad_of(param)
+        if grad is not None and grad.layout == torch.strided:
+            with torch.no_grad():
+                out = self._measure(grad, index, step)
+            for quantity, method in _PER_LAYER.items():
+                values = getattr(optimizer, method)() if hasattr(optimizer, method) else {}
+                if len(values) == 1:  # one parameter per optimizer
+                    out[quantity] = _fact(quantity, next(iter(values.values())))
+            self._pending[self._tracked[index][0]] = out
+        self._pending_seconds += time.perf_counter() - started
+
+    def _take_pending(self, step: int) -> dict[str, dict[str, Any]]:
+        if self._pending_step != step:
+            raise ValueError(
+                f"SpectrumLogger.record(step={step}): in layer-wise mode gradients are measured "
+                "inside backward, on iterations whose LayerwiseOptimizer.steps is a multiple of "
+                f"every={self.every}, and none were measured for step {step} (the optimizer is "
+                f"at steps={self.optimizer.steps}). Call record(lw.steps) after each backward, "
+                "or use attach()"
+            )
+        layers, self._pending, self._pending_step = self._pending, {}, None
+        return layers
 
     def _measure(self, grad: torch.Tensor, index: int, step: int) -> dict[str, Any]:
         G = grad.detach().reshape(grad.shape[0], -1).float()
@@ -255,15 +354,13 @@ class SpectrumLogger:
         if optimizer is None:
             return {}
         found = {q: getattr(optimizer, m)() for q, m in _PER_LAYER.items() if hasattr(optimizer, m)}
-        if found:
+        if found and not self._layerwise:  # layer-wise: taken inside backward
             names = self._optimizer_names()
             for quantity, values in found.items():
                 for key, value in values.items():
                     name = names.get(str(key))
                     if name in layers:
-                        # adarank reports rank 0 for a weight it has not stepped yet: no subspace.
-                        no_rank = quantity == "optimizer_rank" and value == 0
-                        layers[name][quantity] = None if no_rank else value
+                        layers[name][quantity] = _fact(quantity, value)
         facts: dict[str, Any] = {}
         if hasattr(optimizer, "state_bytes"):
             facts["state_bytes"] = dict(optimizer.state_bytes())
@@ -335,6 +432,16 @@ def _select(
     ]
 
 
+def _grad_of(param: torch.Tensor) -> torch.Tensor | None:
+    # An INT8 weight (adarank.Int8Linear) keeps its float gradient aside.
+    return param.grad if param.grad is not None else getattr(param, "weight_grad", None)
+
+
+def _fact(quantity: str, value: Any) -> Any:
+    # adarank reports rank 0 for a weight it has not stepped yet: no subspace.
+    return None if quantity == "optimizer_rank" and value == 0 else value
+
+
 def _top_singular_values(G: torch.Tensor, rank: int, seed: int) -> np.ndarray:
     from adarank.rsvd import randomized_svd
 
@@ -345,6 +452,17 @@ def _top_singular_values(G: torch.Tensor, rank: int, seed: int) -> np.ndarray:
 def _describe_optimizer(optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:
     if optimizer is None:
         return None
+    if isinstance(optimizer, LayerwiseOptimizer):
+        inner = _describe_optimizer(next(iter(optimizer.optimizers.values())))
+        assert inner is not None
+        return {
+            **inner,
+            "class": type(optimizer).__name__,
+            "module": type(optimizer).__module__,
+            "inner_class": inner["class"],
+            "groups": [group for opt in optimizer.optimizers.values()
+                       for group in _describe_optimizer(opt)["groups"]],
+        }
     skip = ("params", "param_names")
     groups = []
     for group in optimizer.param_groups:

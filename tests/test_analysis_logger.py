@@ -338,3 +338,101 @@ def test_logger_reads_int8_weights_float_gradient(tmp_path):
     assert log.layer_names == ["0.weight", "1.weight"]
     expected = float(torch.linalg.matrix_norm(G))
     assert log.layers["0.weight"]["fro_norm"][-1] == pytest.approx(expected, rel=1e-5)
+
+
+def test_record_without_any_gradient_warns(tmp_path):
+    model = TinyNet()  # no backward yet: every .grad is None
+    with SpectrumLogger(model, tmp_path / "none.jsonl") as logger:
+        with pytest.warns(UserWarning, match="none of the 5 tracked weights has a gradient"):
+            record = logger.record(0)
+    assert record["layers"] == {}
+
+
+def _layerwise_pair(seed=0):
+    """A model trained layer-wise and its twin trained normally, both AdaRankAdamW (exact SVD,
+    so the per-parameter optimizers' sketches cannot differ from the single optimizer's)."""
+    from adarank.layerwise import layerwise
+
+    def factory(groups):
+        return adarank.AdaRankAdamW(groups, lr=1e-2, eta=0.9, backend="exact", update_gap=2)
+
+    torch.manual_seed(seed)
+    model = TinyNet()
+    twin = TinyNet()
+    twin.load_state_dict(model.state_dict())
+    lw = layerwise(model, factory, groups=adarank.param_groups(model))
+    return model, lw, twin, factory(adarank.param_groups(twin))
+
+
+def _train_layerwise(model, lw, logger, steps, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        tokens = torch.randint(11, (4, 7), generator=generator)
+        logits = model(tokens)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 11), tokens.reshape(-1))
+        loss.backward()
+        if logger is not None:
+            logger.record(lw.steps, loss=loss)
+        lw.step()
+
+
+def test_layerwise_logger_records_what_the_normal_optimizer_logger_records(tmp_path):
+    # Layer-wise steps see the same gradients and give the same parameters as the normal
+    # step (tests/test_layerwise.py), so both logs must agree: to the log's 7 significant
+    # digits for the spectra, exactly for the ranks and refresh counts.
+    model, lw, twin, optimizer = _layerwise_pair()
+    with SpectrumLogger(model, tmp_path / "lw.jsonl", every=2, optimizer=lw) as logger:
+        _train_layerwise(model, lw, logger, 5)
+    with SpectrumLogger(twin, tmp_path / "normal.jsonl", every=2, optimizer=optimizer) as logger:
+        _train(twin, optimizer, logger, 5)
+    layerwise_log, normal = load_log(tmp_path / "lw.jsonl"), load_log(tmp_path / "normal.jsonl")
+    np.testing.assert_array_equal(layerwise_log.steps, [0, 2, 4])
+    assert layerwise_log.layer_names == normal.layer_names == TRACKED
+    for name in TRACKED:
+        for quantity in ("fro_norm", "stable_rank", "sv", "loss"):
+            if quantity == "loss":
+                got, want = layerwise_log.scalars["loss"], normal.scalars["loss"]
+            else:
+                got, want = layerwise_log.layers[name][quantity], normal.layers[name][quantity]
+            np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=f"{name} {quantity}")
+        for quantity in ("optimizer_rank", "refresh_count", "energy_rank_0.9"):
+            if quantity in normal.layers[name]:
+                np.testing.assert_array_equal(layerwise_log.layers[name][quantity],
+                                              normal.layers[name][quantity])
+    assert "optimizer_rank" in layerwise_log.layers["q_proj.weight"]
+    assert layerwise_log.scalars["state_bytes.total"][-1] == lw.state_bytes()["total"]
+    header = layerwise_log.header["optimizer"]
+    assert header["class"] == "LayerwiseOptimizer" and header["inner_class"] == "AdaRankAdamW"
+    assert header["defaults"]["eta"] == 0.9
+
+
+def test_layerwise_attach_records_on_the_optimizers_steps(tmp_path):
+    model, lw, _, _ = _layerwise_pair()
+    logger = SpectrumLogger(model, tmp_path / "attach.jsonl", every=2, optimizer=lw)
+    with pytest.raises(ValueError, match="start_step=3"):
+        logger.attach(start_step=3)
+    handle = logger.attach()
+    _train_layerwise(model, lw, None, 5)
+    handle.remove()
+    logger.close()
+    log = load_log(tmp_path / "attach.jsonl")
+    np.testing.assert_array_equal(log.steps, [0, 2, 4])
+    assert all(np.isfinite(log.layers[name]["fro_norm"]).all() for name in TRACKED)
+
+
+def test_layerwise_without_the_optimizer_or_off_its_steps_is_an_error(tmp_path):
+    model, lw, _, _ = _layerwise_pair()
+    blind = SpectrumLogger(model, tmp_path / "blind.jsonl", every=1)
+    logger = SpectrumLogger(model, tmp_path / "lw.jsonl", every=1, optimizer=lw)
+    tokens = torch.randint(11, (4, 7))
+    model(tokens).square().mean().backward()
+    with pytest.raises(ValueError, match="pass optimizer=<the LayerwiseOptimizer>"):
+        blind.record(0)
+    with pytest.raises(ValueError, match="none were measured for step 7"):
+        logger.record(7)
+    assert set(logger.record(0)["layers"]) == set(TRACKED)
+    lw.step()
+    with pytest.raises(ValueError, match="none were measured for step 3"):
+        logger.record(3, force=True)
+    blind.close()
+    logger.close()
