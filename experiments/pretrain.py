@@ -50,11 +50,8 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import resource
 import sys
 import time
-import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,7 +61,11 @@ import torch
 
 from adarank.quant import clip_grad_norm_
 from experiments import data as data_mod
+from experiments import measure, runconfig, runfiles
 from experiments.model import CONFIGS, PAPER_RANKS, Decoder, count_parameters, get_config
+from experiments.optim import EXCLUDE
+from experiments.optim import build_optimizer as build_named_optimizer
+from experiments.runconfig import option
 
 OPTIMIZERS = ("adamw", "galore", "qgalore", "adarank")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -85,12 +86,21 @@ MODEL_DEFAULTS: dict[str, dict[str, int]] = {
 }
 
 CHECKPOINT = "ckpt.pt"
+# The files of a run: an --out holding any of them is a run (see runfiles.prepare_out_dir).
+PRODUCTS = ("config.json", "metrics.jsonl", "spectrum.jsonl", "summary.json", CHECKPOINT)
+# The data card's fields copied into the metrics header.
+DATA_CARD_KEYS = (
+    "source",
+    "licence",
+    "vocab_size",
+    "train_tokens",
+    "val_tokens",
+    "train_files",
+    "val_files",
+    "key",
+)
 # Fields that may differ between a run and its resumption: they do not change the result.
 RUNTIME_FIELDS = ("resume", "overwrite", "progress", "threads", "out", "data_cache")
-
-
-def _help(text: str) -> Any:
-    return field(default=None, metadata={"help": text})
 
 
 @dataclass
@@ -101,20 +111,20 @@ class TrainConfig:
     optimizer: str = field(
         default="adarank", metadata={"help": "adamw | galore | qgalore (INT8 weights) | adarank"}
     )
-    out: str | None = _help("output directory (default results/<model>_<optimizer>)")
+    out: str | None = option("output directory (default results/<model>_<optimizer>)")
     steps: int = field(default=300, metadata={"help": "optimizer steps"})
-    batch_size: int | None = _help("sequences per micro-batch (default: per model)")
+    batch_size: int | None = option("sequences per micro-batch (default: per model)")
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    seq_len: int | None = _help("tokens per sequence (default: per model)")
-    lr: float | None = _help("peak learning rate (default: 1e-3 adamw, 1e-2 galore/adarank)")
-    warmup_steps: int | None = _help("linear warm-up steps (default: 10%% of steps)")
+    seq_len: int | None = option("tokens per sequence (default: per model)")
+    lr: float | None = option("peak learning rate (default: 1e-3 adamw, 1e-2 galore/adarank)")
+    warmup_steps: int | None = option("linear warm-up steps (default: 10%% of steps)")
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr / peak lr (cosine)"})
     weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay"})
     beta1: float = field(default=0.9, metadata={"help": "Adam β1"})
     beta2: float = field(default=0.999, metadata={"help": "Adam β2"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
-    rank: int | None = _help("GaLore rank / AdaRank max rank (default: paper's, else d/4)")
-    update_gap: int | None = _help("refresh gap T in steps (default: per model)")
+    rank: int | None = option("GaLore rank / AdaRank max rank (default: paper's, else d/4)")
+    update_gap: int | None = option("refresh gap T in steps (default: per model)")
     scale: float = field(default=0.25, metadata={"help": "back-projection scale α"})
     eta: float = field(default=0.9, metadata={"help": "AdaRank energy threshold η"})
     lowrank: str = field(
@@ -122,8 +132,8 @@ class TrainConfig:
         metadata={"help": 'JSON of further low-rank options, e.g. \'{"moments": "reset"}\''},
     )
     vocab_size: int = field(default=8192, metadata={"help": "BPE vocabulary size"})
-    max_works: int | None = _help("use only the first n works (smoke tests)")
-    data_cache: str | None = _help(
+    max_works: int | None = option("use only the first n works (smoke tests)")
+    data_cache: str | None = option(
         f"token cache dir (default ${data_mod.CACHE_ENV} or data_cache/)"
     )
     eval_every: int = field(default=50, metadata={"help": "steps between validations"})
@@ -141,7 +151,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of weights, batches and sketches"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 (weights)"})
-    threads: int | None = _help("torch CPU threads (default: torch's)")
+    threads: int | None = option("torch CPU threads (default: torch's)")
     resume: bool = field(default=False, metadata={"help": "continue from out/ckpt.pt"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing run in out"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -195,72 +205,16 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- command line
 
-
-def _field_types() -> dict[str, Any]:
-    """Argument parsers per field; an optional field also takes ``none``."""
-    hints = typing.get_type_hints(TrainConfig)
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(TrainConfig):
-        kinds = [t for t in typing.get_args(hints[f.name]) if t is not type(None)]
-        if not kinds:
-            out[f.name] = hints[f.name]
-        else:
-            out[f.name] = _or_none(kinds[0])
-    return out
-
-
-def _or_none(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        return None if text.lower() in ("none", "null") else kind(text)
-
-    parse.__name__ = kind.__name__  # argparse names the type in its error messages
-    return parse
+CHOICES = {"model": list(CONFIGS), "optimizer": OPTIMIZERS, "dtype": list(DTYPES)}
+PROG = "python -m experiments.pretrain"
+DESCRIPTION = (
+    "Pre-train a LLaMA-style decoder on Shakespeare with AdamW, GaLore or "
+    "AdaRankAdamW; writes config.json, metrics.jsonl, spectrum.jsonl and ckpt.pt in --out."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.pretrain",
-        description="Pre-train a LLaMA-style decoder on Shakespeare with AdamW, GaLore or "
-        "AdaRankAdamW; writes config.json, metrics.jsonl, spectrum.jsonl and ckpt.pt in --out.",
-        argument_default=argparse.SUPPRESS,
-    )
-    parser.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
-    types = _field_types()
-    for f in dataclasses.fields(TrainConfig):
-        names = [f"--{f.name.replace('_', '-')}"]
-        if "_" in f.name:
-            names.append(f"--{f.name}")
-        kind = types[f.name]
-        default = f.default
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
-        if kind is bool:
-            parser.add_argument(
-                *names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text
-            )
-        else:
-            choices = {"model": list(CONFIGS), "optimizer": OPTIMIZERS, "dtype": list(DTYPES)}
-            parser.add_argument(
-                *names, dest=f.name, type=kind, help=help_text, choices=choices.get(f.name)
-            )
-    return parser
-
-
-def _check_keys(values: dict[str, Any], where: str) -> None:
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown setting {unknown[0]!r} in {where}; known: {sorted(known)}")
-
-
-def _refuse_changes(
-    saved: dict[str, Any], wanted: dict[str, Any], *, keys: Any, where: str
-) -> None:
-    differ = sorted(k for k in keys if k not in RUNTIME_FIELDS and saved.get(k) != wanted[k])
-    if differ:
-        raise ValueError(
-            f"--resume with settings that differ from {where}: "
-            + ", ".join(f"{k}={wanted[k]!r} (saved {saved.get(k)!r})" for k in differ)
-        )
+    return runconfig.build_parser(TrainConfig, prog=PROG, description=DESCRIPTION, choices=CHOICES)
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
@@ -269,22 +223,17 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
     With ``--resume`` and a ``config.json`` in the output directory, that file is the base and
     the flags given must agree with it (except `RUNTIME_FIELDS`).
     """
-    given = vars(build_parser().parse_args(argv))
-    config_path = given.pop("config", None)
-    values: dict[str, Any] = {}
-    if config_path is not None:
-        values = json.loads(Path(config_path).read_text())
-        if not isinstance(values, dict):
-            raise ValueError(f"{config_path} must hold a JSON object")
-        _check_keys(values, config_path)
-    values.update(given)
+    values = runconfig.parse_values(
+        TrainConfig, argv, prog=PROG, description=DESCRIPTION, choices=CHOICES
+    )
     if values.get("resume"):
         wanted = asdict(TrainConfig(**values).resolved())
         saved_path = Path(wanted["out"]) / "config.json"
         if saved_path.is_file():
-            saved = json.loads(saved_path.read_text())
-            _check_keys(saved, str(saved_path))
-            _refuse_changes(saved, wanted, keys=values, where=str(saved_path))
+            saved = runconfig.read_settings(TrainConfig, saved_path)
+            runconfig.refuse_changes(
+                saved, wanted, keys=values, where=str(saved_path), allowed=RUNTIME_FIELDS
+            )
             values = {**saved, **{k: values[k] for k in RUNTIME_FIELDS if k in values}}
     return TrainConfig(**values).resolved()
 
@@ -315,61 +264,27 @@ class _Schedule:
 
 
 def build_optimizer(model: torch.nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over all parameters, or a low-rank optimizer over ``adarank.param_groups``."""
-    betas = (c.beta1, c.beta2)
-    if c.optimizer == "adamw":
-        return torch.optim.AdamW(
-            model.parameters(), lr=c.lr, betas=betas, weight_decay=c.weight_decay
-        )
-    import adarank
-
-    extra = json.loads(c.lowrank)
-    exclude = ("embed", "lm_head")
-    if c.optimizer in ("galore", "qgalore"):
-        groups = adarank.param_groups(
-            model,
-            exclude=exclude,
-            rank=c.rank,
-            update_proj_gap=c.update_gap,
-            scale=c.scale,
-            proj_type="std",
-            **extra,
-        )
-        cls = adarank.QGaLoreAdamW if c.optimizer == "qgalore" else adarank.GaLoreAdamW
-        return cls(groups, lr=c.lr, betas=betas, weight_decay=c.weight_decay)
-    groups = adarank.param_groups(
+    """The run's optimizer (`experiments.optim.build_optimizer` with its settings)."""
+    return build_named_optimizer(
+        c.optimizer,
         model,
-        exclude=exclude,
-        max_rank=c.rank,
+        lr=c.lr,
+        rank=c.rank,
         eta=c.eta,
         update_gap=c.update_gap,
         scale=c.scale,
         seed=c.seed,
-        **extra,
+        betas=(c.beta1, c.beta2),
+        weight_decay=c.weight_decay,
+        group_options=json.loads(c.lowrank),
     )
-    return adarank.AdaRankAdamW(groups, lr=c.lr, betas=betas, weight_decay=c.weight_decay)
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """``optimizer.state_bytes()`` when it has one, else the bytes of every state tensor."""
-    if hasattr(optimizer, "state_bytes"):
-        return dict(optimizer.state_bytes())
-    total = sum(
-        v.numel() * v.element_size()
-        for st in optimizer.state.values()
-        for v in st.values()
-        if isinstance(v, torch.Tensor)
-    )
-    return {"total": total}
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated CUDA memory, or the process's peak resident set size on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    # ru_maxrss is in kilobytes on Linux (bytes on macOS).
-    scale = 1 if sys.platform == "darwin" else 1024
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+def logged_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Optimizer state bytes as the logs hold them: adarank's by kind, AdamW's total only (its
+    runs have logged the total alone from the start; a resumed run's lines stay alike)."""
+    sizes = measure.state_bytes(optimizer)
+    return sizes if hasattr(optimizer, "state_bytes") else {"total": sizes["total"]}
 
 
 def _make_spectrum_logger(
@@ -446,65 +361,22 @@ class GradientEMA:
             self.average[name].copy_(value)
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-class _JsonLines:
-    """Append-only JSON Lines writer, flushed per line; ``truncate`` cuts back to a byte offset."""
-
-    def __init__(self, path: Path, offset: int | None = None) -> None:
-        if offset is not None:
-            with open(path, "r+b") as f:
-                f.truncate(offset)
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def offset(self) -> int:
-        return self.file.tell()
-
-    def close(self) -> None:
-        self.file.close()
+def _header(c: TrainConfig, model: torch.nn.Module, model_config: Any, corpus: Any) -> dict:
+    """The first line of ``metrics.jsonl``: what the run is, on what data and software."""
+    device = torch.device(c.device)
+    return {
+        "kind": "header",
+        "config": asdict(c),
+        "model_config": asdict(model_config),
+        "parameters": count_parameters(model),
+        "data": {k: corpus.meta[k] for k in DATA_CARD_KEYS},
+        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+    }
 
 
 # ----------------------------------------------------------------------------- the run
-
-
-def _prepare_out_dir(c: TrainConfig) -> bool:
-    """Create or check ``out``; return True when a checkpoint will be resumed."""
-    out = Path(c.out)
-    products = ("config.json", "metrics.jsonl", "spectrum.jsonl", "summary.json", CHECKPOINT)
-    has_ckpt = (out / CHECKPOINT).is_file()
-    if c.resume and has_ckpt:
-        return True
-    existing = [name for name in products if (out / name).exists()]
-    if existing and not (c.resume or c.overwrite):
-        raise FileExistsError(
-            f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it "
-            "or --overwrite to replace it"
-        )
-    for name in existing:
-        (out / name).unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return False
 
 
 def train(c: TrainConfig) -> dict[str, Any]:
@@ -514,14 +386,18 @@ def train(c: TrainConfig) -> dict[str, Any]:
         torch.set_num_threads(c.threads)
     device = torch.device(c.device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        measure.reset_peak(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 runs; bf16 is unaffected
-    resuming = _prepare_out_dir(c)
     out = Path(c.out)
+    resuming = runfiles.prepare_out_dir(
+        out, PRODUCTS, checkpoint=CHECKPOINT, resume=c.resume, overwrite=c.overwrite
+    )
     if resuming and (out / "config.json").is_file():
         saved = json.loads((out / "config.json").read_text())
-        _refuse_changes(saved, asdict(c), keys=saved, where=str(out / "config.json"))
-    (out / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
+        runconfig.refuse_changes(
+            saved, asdict(c), keys=saved, where=str(out / "config.json"), allowed=RUNTIME_FIELDS
+        )
+    runfiles.write_json(out / "config.json", asdict(c))
 
     corpus = data_mod.prepare(
         data_mod.DataConfig(vocab_size=c.vocab_size, max_works=c.max_works), c.data_cache
@@ -539,7 +415,7 @@ def train(c: TrainConfig) -> dict[str, Any]:
         # Q-GaLore keeps the projected layers' weights in INT8 (adarank.Int8Linear).
         import adarank
 
-        adarank.quantize_linears(model, exclude=("embed", "lm_head"))
+        adarank.quantize_linears(model, exclude=EXCLUDE)
     optimizer = build_optimizer(model, c)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _Schedule(c.steps, c.warmup_steps, c.min_lr_ratio)
@@ -555,36 +431,13 @@ def train(c: TrainConfig) -> dict[str, Any]:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         sampler.load_state_dict(ckpt["sampler"])
-        _set_rng_state(ckpt["rng"], device)
+        runfiles.set_rng_state(ckpt["rng"], device)
         start_step, train_seconds, tokens = ckpt["step"], ckpt["train_seconds"], ckpt["tokens"]
         metrics_offset = ckpt["metrics_offset"]
         last_eval = ckpt["last_eval"]
-    metrics = _JsonLines(out / "metrics.jsonl", metrics_offset)
+    metrics = runfiles.JsonLines(out / "metrics.jsonl", metrics_offset)
     if not resuming:
-        metrics.write(
-            {
-                "kind": "header",
-                "config": asdict(c),
-                "model_config": asdict(model_config),
-                "parameters": count_parameters(model),
-                "data": {
-                    k: corpus.meta[k]
-                    for k in (
-                        "source",
-                        "licence",
-                        "vocab_size",
-                        "train_tokens",
-                        "val_tokens",
-                        "train_files",
-                        "val_files",
-                        "key",
-                    )
-                },
-                "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                "threads": torch.get_num_threads(),
-            }
-        )
+        metrics.write(_header(c, model, model_config, corpus))
     spectrum = _make_spectrum_logger(model, optimizer, c, resume=resuming)
     spectrum_ema = _make_spectrum_logger(model, optimizer, c, resume=resuming, ema=True)
     gradient_ema = None
@@ -610,8 +463,8 @@ def train(c: TrainConfig) -> dict[str, Any]:
             "tokens": tokens,
             "val_loss": val_loss,
             "val_ppl": math.exp(val_loss),
-            "state_bytes": optimizer_state_bytes(optimizer),
-            "peak_memory_bytes": peak_memory_bytes(device),
+            "state_bytes": logged_state_bytes(optimizer),
+            "peak_memory_bytes": measure.peak_memory_bytes(device),
             "tokens_per_s": tokens / train_seconds if train_seconds else None,
         }
         if hasattr(optimizer, "ranks"):
@@ -654,8 +507,7 @@ def train(c: TrainConfig) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            measure.sync(device)
             step_seconds = time.perf_counter() - started - (resumed - paused)
             train_seconds += step_seconds
             tokens += tokens_per_step
@@ -681,14 +533,14 @@ def train(c: TrainConfig) -> dict[str, Any]:
             elif done % 10 == 0:
                 bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / train_seconds:.0f}")
             if done % c.ckpt_every == 0 or done == c.steps:
-                _save_atomic(
+                runfiles.save_atomic(
                     {
                         "step": done,
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "sampler": sampler.state_dict(),
-                        "rng": _rng_state(device),
+                        "rng": runfiles.rng_state(device),
                         **(
                             {"gradient_ema": gradient_ema.state_dict()}
                             if gradient_ema is not None
@@ -720,14 +572,14 @@ def train(c: TrainConfig) -> dict[str, Any]:
         "val_ppl": last_eval["val_ppl"],
         "tokens_per_s": tokens / train_seconds if train_seconds else None,
         "train_seconds": train_seconds,
-        "state_bytes": optimizer_state_bytes(optimizer),
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "state_bytes": logged_state_bytes(optimizer),
+        "peak_memory_bytes": measure.peak_memory_bytes(device),
         "parameters": count_parameters(model),
         "ranks": optimizer.ranks() if hasattr(optimizer, "ranks") else None,
     }
     metrics.write(summary)
     metrics.close()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    runfiles.write_json(out / "summary.json", summary)
     return summary
 
 
