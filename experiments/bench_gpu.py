@@ -50,7 +50,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,16 +59,10 @@ from torch import nn
 from tqdm import tqdm
 
 import adarank
-
-# Shared with the optimizer-only benchmark.
-from experiments.bench_optimizer import (
-    _lowrank_groups,
-    _rank_summary,
-    _sync,
-    emit,
-    tensor_state_bytes,
-)
-from experiments.model import CONFIGS, PAPER_RANKS, Decoder, ModelConfig, get_config
+from experiments import measure, optim
+from experiments.measure import StepClock, sync
+from experiments.model import CONFIGS, LLAMA_MATRICES, PAPER_RANKS, Decoder, ModelConfig, get_config
+from experiments.runfiles import emit
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 OPTIMIZERS = ("AdamW", "GaLore-reference", "GaLoreAdamW", "AdaRankAdamW", "AdaRankAdamW-loop")
@@ -80,7 +74,6 @@ DESCRIPTIONS = {
     "AdaRankAdamW": "adarank.AdaRankAdamW (randomized SVD batched per shape, foreach Adam)",
     "AdaRankAdamW-loop": "adarank.AdaRankAdamW(foreach=False): one matrix at a time",
 }
-MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # A refresh gap no benchmark reaches: no scheduled refresh while timing steps.
 NEVER = 10**9
 LR = 1e-3
@@ -213,6 +206,14 @@ def reference_galore() -> Any | None:
     return galore_torch.GaLoreAdamW
 
 
+# Our rows: (experiments.optim name, constructor options, the word on the kernel).
+ROWS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "GaLoreAdamW": ("galore", {}, "exact SVD"),
+    "AdaRankAdamW": ("adarank", {}, "randomized SVD"),
+    "AdaRankAdamW-loop": ("adarank", {"foreach": False}, "randomized SVD"),
+}
+
+
 def make_optimizer(
     name: str, model: nn.Module, rank: int, eta: float
 ) -> tuple[torch.optim.Optimizer, str]:
@@ -229,55 +230,24 @@ def make_optimizer(
             {"params": plain},
             {"params": lowrank, "rank": rank, "update_proj_gap": NEVER, "scale": 0.25,
              "proj_type": "std"},
-        ]
+        ]  # fmt: skip
         return cls(groups, lr=LR), "exact SVD"
     if name == "AdamW":
+        # torch's default weight decay (0.01), as the committed tables were measured.
         try:
-            return torch.optim.AdamW(model.parameters(), lr=LR, fused=True), "fused"
+            opt = optim.build_optimizer("adamw", model, lr=LR, weight_decay=0.01, fused=True)
+            return opt, "fused"
         except (RuntimeError, ValueError):
-            return torch.optim.AdamW(model.parameters(), lr=LR, foreach=True), "foreach"
-    if name == "GaLoreAdamW":
-        groups = adarank.param_groups(model, rank=rank, update_proj_gap=NEVER)
-        return adarank.GaLoreAdamW(groups, lr=LR), "exact SVD"
-    if name == "AdaRankAdamW":
-        groups = adarank.param_groups(model, max_rank=rank, eta=eta, update_gap=NEVER)
-        return adarank.AdaRankAdamW(groups, lr=LR), "randomized SVD"
-    if name == "AdaRankAdamW-loop":
-        groups = adarank.param_groups(model, max_rank=rank, eta=eta, update_gap=NEVER)
-        return adarank.AdaRankAdamW(groups, lr=LR, foreach=False), "randomized SVD"
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+            opt = optim.build_optimizer("adamw", model, lr=LR, weight_decay=0.01, foreach=True)
+            return opt, "foreach"
+    if name not in ROWS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+    kind, options, kernel = ROWS[name]
+    opt = optim.build_optimizer(kind, model, lr=LR, rank=rank, eta=eta, update_gap=NEVER, **options)
+    return opt, kernel
 
 
 # ------------------------------------------------------------------- timing
-
-
-class StepClock:
-    """Times calls inside a loop without synchronising it: CUDA events on the GPU, resolved
-    when `seconds` is read; ``time.perf_counter`` on the CPU, where work is synchronous."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._seconds: list[float] = []
-
-    def time(self, fn: Callable[[], Any]) -> None:
-        if self.device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            self._events.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            self._seconds.append(time.perf_counter() - t0)
-
-    def seconds(self) -> list[float]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return [s.elapsed_time(e) / 1e3 for s, e in self._events]
-        return list(self._seconds)
 
 
 def train_step(
@@ -296,53 +266,6 @@ def train_step(
     opt.zero_grad(set_to_none=True)
 
 
-def _peak(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _reference_projectors(opt: torch.optim.Optimizer) -> list[Any]:
-    """The reference package's per-parameter ``GaLoreProjector`` objects (none for ours)."""
-    return [st["projector"] for st in opt.state.values() if "projector" in st]
-
-
-def set_refresh_gap(opt: torch.optim.Optimizer, gap: int) -> None:
-    """Make every low-rank matrix refresh every ``gap`` steps: our groups' ``update_gap``;
-    the reference's projectors keep their own copy (``update_proj_gap``) and refresh when the
-    step count is a multiple of it, so a gap of 1 refreshes them all too."""
-    for g in _lowrank_groups(opt):
-        g["update_gap"] = gap
-    for projector in _reference_projectors(opt):
-        projector.update_proj_gap = gap
-
-
-def _state_tensors(opt: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
-    """``(key, tensor)`` for every tensor of the optimizer's state, the reference package's
-    projector matrices (kept in a Python object) included under ``proj_left``."""
-    out = []
-    for state in opt.state.values():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                out.append((key, value))
-            elif key == "projector":
-                ortho = value.ortho_matrix
-                for t in ortho if isinstance(ortho, (list, tuple)) else [ortho]:
-                    if t is not None:
-                        out.append(("proj_left", t))
-    return out
-
-
-def _refresh_total(opt: torch.optim.Optimizer) -> int:
-    """Subspace refreshes so far, summed over matrices (0 for AdamW)."""
-    if isinstance(opt, adarank.AdaRankAdamW):
-        return sum(opt.refresh_counts().values())
-    return 0
-
-
 def step_bytes(opt: torch.optim.Optimizer) -> dict[str, int]:
     """Lower bound on the bytes one optimizer step moves (see the module docstring):
     ``gradients`` (read), ``weights`` (read and write), ``moments`` (read and write),
@@ -352,7 +275,7 @@ def step_bytes(opt: torch.optim.Optimizer) -> dict[str, int]:
         size = p.numel() * p.element_size()
         out["gradients"] += size
         out["weights"] += 2 * size
-    for key, value in _state_tensors(opt):
+    for key, value in measure.state_tensors(opt):
         nbytes = value.numel() * value.element_size()
         if key in ("exp_avg", "exp_avg_sq"):
             out["moments"] += 2 * nbytes
@@ -384,10 +307,10 @@ def copy_bandwidth(device: torch.device, repeats: int = 5) -> float:
     dst.copy_(src)
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     del src, dst
     if device.type == "cuda":
@@ -404,7 +327,7 @@ def bench_one(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> dict[str, Any]:
     """Train a fresh model with optimizer ``name`` and time it; see the module docstring."""
-    _reset_peak(device)
+    measure.reset_peak(device)
     torch.manual_seed(args.seed)
     model = Decoder(config).to(device=device, dtype=DTYPES[args.dtype])
     opt, kernel = make_optimizer(name, model, rank, args.eta)
@@ -416,52 +339,48 @@ def bench_one(
         total=total, desc=f"{name:>12}", disable=args.no_progress, file=sys.stderr, leave=False
     ) as bar:
         # The first step allocates the state and, for the low-rank ones, refreshes from scratch.
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         train_step(model, opt, next(batch))
-        _sync(device)
+        sync(device)
         first = time.perf_counter() - t0
         bar.update()
         for _ in range(args.warmup):
             train_step(model, opt, next(batch))
             bar.update()
-        peaks.append(_peak(device))
+        peaks.append(measure.peak_cuda_bytes(device))
 
-        _reset_peak(device)
-        refreshes_before = _refresh_total(opt)
+        measure.reset_peak(device)
+        refreshes_before = optim.refresh_count(opt)
         clock = StepClock(device)
-        _sync(device)
+        sync(device)
         t0, cpu0 = time.perf_counter(), time.process_time()
         for _ in range(args.steps):
             train_step(model, opt, next(batch), clock)
             bar.update()
-        _sync(device)
+        sync(device)
         step = (time.perf_counter() - t0) / args.steps
         # Process CPU seconds (all threads): with --threads 1 on the CPU, the work itself,
         # which other processes sharing the cores do not inflate, unlike wall time.
         step_cpu = (time.process_time() - cpu0) / args.steps
         opt_steps = clock.seconds()
-        timed_refreshes = _refresh_total(opt) - refreshes_before
-        peaks.append(_peak(device))
+        timed_refreshes = optim.refresh_count(opt) - refreshes_before
+        peaks.append(measure.peak_cuda_bytes(device))
         bytes_moved = step_bytes(opt)
 
-        _reset_peak(device)
+        measure.reset_peak(device)
         refresh_clock = StepClock(device)
         refresh_steps = []
         for _ in range(refreshes):
-            # Every projected matrix has since_refresh >= 1, so a gap of 1 refreshes them all.
-            set_refresh_gap(opt, 1)
-            try:
-                _sync(device)
+            with optim.refreshing_all(opt, gap_after=NEVER):
+                sync(device)
                 t0 = time.perf_counter()
                 train_step(model, opt, next(batch), refresh_clock)
-                _sync(device)
+                sync(device)
                 refresh_steps.append(time.perf_counter() - t0)
-            finally:
-                set_refresh_gap(opt, NEVER)
             bar.update()
         refresh_opt = refresh_clock.seconds()
-        peaks.append(_peak(device))
+        peaks.append(measure.peak_cuda_bytes(device))
 
     opt_step = statistics.median(opt_steps)
     refresh_step = statistics.median(refresh_steps) if refresh_steps else step
@@ -485,9 +404,9 @@ def bench_one(
         "peak_refresh_bytes": peaks[2] if refreshes else None,
         "bytes_moved": bytes_moved,
         "bandwidth": bytes_moved["total"] / opt_step,
+        "state_bytes": measure.state_bytes(opt),
     }
     if isinstance(opt, adarank.AdaRankAdamW):
-        out["state_bytes"] = opt.state_bytes()
         out["ranks"] = opt.ranks()
         counts = opt.refresh_counts()
         out["refresh_counts"] = counts
@@ -495,17 +414,6 @@ def bench_one(
         # inside the warm-up or the timed steps, which they then inflate.
         out["unplanned_refreshes"] = sum(counts.values()) - len(counts) * (1 + refreshes)
         out["timed_refreshes"] = timed_refreshes
-    else:
-        tensors = _state_tensors(opt)
-        total_bytes = sum(t.numel() * t.element_size() for _, t in tensors)
-        moments = tensor_state_bytes(opt, keys=("exp_avg", "exp_avg_sq"))
-        projectors = sum(t.numel() * t.element_size() for k, t in tensors if k == "proj_left")
-        out["state_bytes"] = {
-            "total": total_bytes,
-            "moments": moments,
-            "projectors": projectors,
-            "other": total_bytes - moments - projectors,
-        }
     return out
 
 
@@ -707,7 +615,7 @@ def format_table(report: dict[str, Any]) -> str:
             )
     if "AdaRankAdamW" in results:
         ada = results["AdaRankAdamW"]
-        lines.append(f"AdaRankAdamW ranks: {_rank_summary(ada['ranks'])}.")
+        lines.append(f"AdaRankAdamW ranks: {optim.rank_summary(ada['ranks'], LLAMA_MATRICES)}.")
         if ada["unplanned_refreshes"]:
             lines.append(
                 f"Note: {ada['unplanned_refreshes']} matrix refreshes triggered by the "

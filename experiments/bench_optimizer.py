@@ -35,14 +35,12 @@ The table goes to stdout (markdown), progress to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +49,19 @@ from torch import nn
 from tqdm import tqdm
 
 import adarank
+from experiments import measure, optim
+from experiments.model import CONFIGS, LLAMA_MATRICES, PAPER_RANKS
+from experiments.runfiles import emit
 
-# (d_model, ffn_dim) of the GaLore paper's LLaMA shapes; "tiny" is for tests.
+# (d_model, ffn_dim) of the GaLore paper's LLaMA shapes (`PAPER_RANKS`); "tiny" is for tests.
 SHAPES: dict[str, tuple[int, int]] = {
     "tiny": (64, 172),
-    "60m": (512, 1376),
-    "130m": (768, 2048),
-    "350m": (1024, 2736),
-    "1b": (2048, 5461),
+    **{name: (CONFIGS[name].d_model, CONFIGS[name].ffn_dim) for name in PAPER_RANKS},
 }
 # GaLore's ranks for those shapes (DESIGN §10); AdaRankAdamW's max_rank is the same.
-GALORE_RANKS: dict[str, int] = {"tiny": 16, "60m": 128, "130m": 256, "350m": 256, "1b": 512}
+GALORE_RANKS: dict[str, int] = {"tiny": 16, **PAPER_RANKS}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 OPTIMIZERS = ("AdamW", "GaLoreAdamW", "QGaLoreAdamW", "AdaRankAdamW", "AdaRankAdamW-INT4")
-MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Synthetic gradient spectrum: σ_i ∝ i^(−SPECTRUM_EXPONENT) on a signal of rank
 # SIGNAL_FRACTION·min(m, n), plus isotropic Gaussian noise carrying NOISE_ENERGY
@@ -171,7 +168,7 @@ def build_layers(
     for _ in range(layers):
         layer = nn.Module()
         layer.self_attn = nn.ModuleDict(
-            {name: nn.Linear(d, d, bias=False) for name in MATRICES[:4]}
+            {name: nn.Linear(d, d, bias=False) for name in LLAMA_MATRICES[:4]}
         )
         layer.mlp = nn.ModuleDict(
             {
@@ -224,65 +221,33 @@ def reference_ranks(model: nn.Module, eta: float) -> dict[str, int]:
 # ------------------------------------------------------------------- timing
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of ``fn()``, device work included."""
-    _sync(device)
-    start, start_cpu = time.perf_counter(), time.process_time()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start, time.process_time() - start_cpu
-
-
-def _lowrank_groups(opt: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    return [g for g in opt.param_groups if g.get("lowrank")]
-
-
-def _force_refresh_step(opt: torch.optim.Optimizer) -> None:
-    # Every projected matrix has since_refresh >= 1, so a gap of 1 refreshes all.
-    groups = _lowrank_groups(opt)
-    for g in groups:
-        g["update_gap"] = 1
-    try:
-        opt.step()
-    finally:
-        for g in groups:
-            g["update_gap"] = NEVER
-
-
-def tensor_state_bytes(opt: torch.optim.Optimizer, keys: Sequence[str] | None = None) -> int:
-    """Bytes of the tensors in ``opt.state`` (those under ``keys`` only, when given);
-    with all keys, what ``AdaRankAdamW.state_bytes()["total"]`` counts."""
-    return sum(
-        v.numel() * v.element_size()
-        for state in opt.state.values()
-        for k, v in state.items()
-        if isinstance(v, torch.Tensor) and (keys is None or k in keys)
-    )
+# Each row: (experiments.optim name, low-rank group options). Q-GaLore's lazy refresh changes
+# how often a refresh happens, not what one costs, so it is off; INT8 weights need Int8Linear
+# modules (see bench_gpu).
+ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "AdamW": ("adamw", {}),
+    "GaLoreAdamW": ("galore", {}),
+    "QGaLoreAdamW": ("qgalore", {"lazy_refresh": False}),
+    "AdaRankAdamW": ("adarank", {}),
+    "AdaRankAdamW-INT4": ("adarank", {"proj_bits": 4}),
+}
 
 
 def make_optimizer(name: str, model: nn.Module, rank: int) -> torch.optim.Optimizer:
-    if name == "AdamW":
-        return torch.optim.AdamW(model.parameters(), lr=LR)
-    if name == "GaLoreAdamW":
-        groups = adarank.param_groups(model, rank=rank, update_proj_gap=NEVER)
-        return adarank.GaLoreAdamW(groups, lr=LR)
-    if name == "QGaLoreAdamW":
-        # INT4 projectors. Lazy refresh changes how often a refresh happens, not what one
-        # costs, so it is off here; INT8 weights need Int8Linear modules (see bench_gpu).
-        groups = adarank.param_groups(model, rank=rank, update_proj_gap=NEVER,
-                                      lazy_refresh=False)
-        return adarank.QGaLoreAdamW(groups, lr=LR)
-    if name in ("AdaRankAdamW", "AdaRankAdamW-INT4"):
-        bits = 4 if name.endswith("INT4") else 32
-        groups = adarank.param_groups(model, max_rank=rank, eta=ETA, update_gap=NEVER,
-                                      proj_bits=bits)
-        return adarank.AdaRankAdamW(groups, lr=LR)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+    if name not in ROWS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+    kind, options = ROWS[name]
+    if kind == "adamw":
+        # torch's default weight decay (0.01), as the committed tables were measured.
+        return optim.build_optimizer(kind, model, lr=LR, weight_decay=0.01)
+    return optim.build_optimizer(
+        kind, model, lr=LR, rank=rank, eta=ETA, update_gap=NEVER, group_options=options
+    )
+
+
+def _refresh_step(opt: torch.optim.Optimizer) -> None:
+    with optim.refreshing_all(opt, gap_after=NEVER):
+        opt.step()
 
 
 def bench_one(
@@ -290,15 +255,14 @@ def bench_one(
 ) -> dict[str, Any]:
     """Time one optimizer on ``model`` (gradients already set); see the module docstring."""
     opt = make_optimizer(name, model, rank)
-    lowrank = bool(_lowrank_groups(opt))
+    lowrank = bool(optim.lowrank_groups(opt))
     total = 1 + args.warmup + args.steps * args.repeats + (args.refresh_repeats if lowrank else 0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    measure.reset_peak(device)
     with tqdm(
         total=total, desc=f"{name:>12}", disable=args.no_progress, file=sys.stderr, leave=False
     ) as bar:
         # The first step allocates the state and, for low-rank ones, refreshes from scratch.
-        first, _ = _timed(opt.step, device)
+        first, _ = measure.timed(opt.step, device)
         bar.update()
         for _ in range(args.warmup):
             opt.step()
@@ -310,14 +274,14 @@ def bench_one(
                 for _ in range(args.steps):
                     opt.step()
 
-            wall, cpu = _timed(block, device)
+            wall, cpu = measure.timed(block, device)
             blocks.append(wall / args.steps)
             blocks_cpu.append(cpu / args.steps)
             bar.update(args.steps)
         refreshes, refreshes_cpu = [], []
         if lowrank:
             for _ in range(args.refresh_repeats):
-                wall, cpu = _timed(lambda: _force_refresh_step(opt), device)
+                wall, cpu = measure.timed(lambda: _refresh_step(opt), device)
                 refreshes.append(wall)
                 refreshes_cpu.append(cpu)
                 bar.update()
@@ -335,25 +299,16 @@ def bench_one(
         "step_cpu_s": statistics.median(blocks_cpu),
         "refresh_cpu_s": statistics.median(refreshes_cpu or blocks_cpu),
         "amortised_s": (refresh + (T - 1) * step) / T,
-        "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "peak_bytes": measure.peak_cuda_bytes(device),
+        "state_bytes": measure.state_bytes(opt),
     }
     if isinstance(opt, adarank.AdaRankAdamW):
-        out["state_bytes"] = opt.state_bytes()
         out["ranks"] = opt.ranks()
         counts = opt.refresh_counts()
         out["refresh_counts"] = counts
         # Refreshes beyond the first step and the forced ones were triggered by the
         # staleness test inside the "non-refresh" blocks, which they then inflate.
         out["unplanned_refreshes"] = sum(counts.values()) - len(counts) * (1 + len(refreshes))
-    else:
-        total_bytes = tensor_state_bytes(opt)
-        moments = tensor_state_bytes(opt, keys=("exp_avg", "exp_avg_sq"))
-        out["state_bytes"] = {
-            "total": total_bytes,
-            "moments": moments,
-            "projectors": 0,
-            "other": total_bytes - moments,
-        }
     return out
 
 
@@ -423,19 +378,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _rank_summary(ranks: dict[str, int]) -> str:
-    by_type: dict[str, list[int]] = {}
-    for name, r in ranks.items():
-        by_type.setdefault(name.split(".")[-2], []).append(r)
-    parts = []
-    for kind in MATRICES:
-        values = by_type.get(kind, [])
-        if values:
-            lo, hi = min(values), max(values)
-            parts.append(f"{kind} {lo}" if lo == hi else f"{kind} {lo}–{hi}")
-    return ", ".join(parts)
-
-
 def format_table(report: dict[str, Any]) -> str:
     """The results as a markdown table, with a header line and the chosen ranks."""
     c, env = report["config"], report["environment"]
@@ -469,9 +411,9 @@ def format_table(report: dict[str, Any]) -> str:
     ref = report["reference_ranks"]
     lines += [
         "",
-        f"AdaRankAdamW ranks: {_rank_summary(ada['ranks'])}",
+        f"AdaRankAdamW ranks: {optim.rank_summary(ada['ranks'], LLAMA_MATRICES)}",
         "Exact energy ranks at η (layer 0, float64 SVD): "
-        + ", ".join(f"{k} {ref[k]}" for k in MATRICES if k in ref),
+        + ", ".join(f"{k} {ref[k]}" for k in LLAMA_MATRICES if k in ref),
         f"Step: median over {c['repeats']} blocks of {c['steps']} steps without a scheduled "
         f"refresh; refresh: median of {c['refresh_repeats']} steps in which all matrices "
         "refresh; amortised = (refresh + (T−1)·step)/T.",
@@ -490,14 +432,6 @@ def format_table(report: dict[str, Any]) -> str:
             "test during the timed steps."
         )
     return "\n".join(lines)
-
-
-def emit(report: dict[str, Any], table: str, path: Path | None) -> None:
-    """Print a benchmark's table and, when ``path`` is given, write its report there as JSON."""
-    print(table)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

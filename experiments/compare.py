@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments.runfiles import read_json_lines
+
 
 def load_run(path: str | Path) -> dict[str, Any]:
     """``summary.json`` of the run in ``path``, with ``best_val_ppl`` from ``metrics.jsonl``."""
@@ -28,10 +30,7 @@ def load_run(path: str | Path) -> dict[str, Any]:
     evals = []
     metrics = path / "metrics.jsonl"
     if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("kind") == "eval":
-                evals.append(record["val_ppl"])
+        evals = [r["val_ppl"] for r in read_json_lines(metrics) if r.get("kind") == "eval"]
     summary["best_val_ppl"] = min(evals) if evals else summary["val_ppl"]
     summary["run"] = path.name
     return summary

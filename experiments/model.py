@@ -58,6 +58,9 @@ CONFIGS: dict[str, ModelConfig] = {
 
 # GaLore's rank for each paper shape (arXiv 2403.03507); other shapes use d_model // 4.
 PAPER_RANKS: dict[str, int] = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}
+# The projected matrices of a decoder layer, by module name: attention (``self_attn.*``), then
+# the SwiGLU MLP (``mlp.*``), as in Hugging Face LLaMA.
+LLAMA_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def get_config(name: str, **overrides: int | float) -> ModelConfig:

@@ -23,7 +23,8 @@ name                          optimizer
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -106,6 +107,28 @@ def build_optimizer(
 def lowrank_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """The optimizer's projected param groups (none for AdamW)."""
     return [g for g in optimizer.param_groups if g.get("lowrank")]
+
+
+def set_refresh_gap(optimizer: torch.optim.Optimizer, gap: int) -> None:
+    """Make every low-rank matrix refresh every ``gap`` steps: our groups' ``update_gap``; the
+    reference GaLore package's projectors keep their own copy (``update_proj_gap``) and refresh
+    when the step count is a multiple of it, so a gap of 1 refreshes them all too."""
+    for g in lowrank_groups(optimizer):
+        g["update_gap"] = gap
+    for state in optimizer.state.values():
+        if "projector" in state:
+            state["projector"].update_proj_gap = gap
+
+
+@contextlib.contextmanager
+def refreshing_all(optimizer: torch.optim.Optimizer, *, gap_after: int) -> Iterator[None]:
+    """Steps taken inside the block refresh every low-rank matrix (each has gone a step or more
+    since its last refresh, so a gap of 1 is due); the gap is ``gap_after`` afterwards."""
+    set_refresh_gap(optimizer, 1)
+    try:
+        yield
+    finally:
+        set_refresh_gap(optimizer, gap_after)
 
 
 def refresh_count(optimizer: torch.optim.Optimizer) -> int:

@@ -25,14 +25,15 @@ import torch
 class JsonLines:
     """Append-only JSON Lines writer, flushed per line.
 
-    ``offset``: cut the file back to this byte offset first (a checkpoint's `offset`).
+    ``offset``: cut the existing file back to this byte offset first (a checkpoint's
+    `offset`); ``fresh``: start an empty file, replacing any there.
     """
 
-    def __init__(self, path: str | Path, offset: int | None = None) -> None:
+    def __init__(self, path: str | Path, offset: int | None = None, *, fresh: bool = False) -> None:
         if offset is not None:
             with open(path, "r+b") as f:
                 f.truncate(offset)
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self.file = open(path, "w" if fresh else "a", encoding="utf-8")  # noqa: SIM115
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
