@@ -195,12 +195,12 @@ def foreach_adam_directions_(
     sqrt_b2 = torch._foreach_sqrt(B2s)
     if convention == "galore":
         torch._foreach_add_(denominators, eps)
-        Ns = torch._foreach_div(Ms, denominators)
+        Ns = list(torch._foreach_div(Ms, denominators))
         torch._foreach_mul_(Ns, torch._foreach_div(sqrt_b2, B1s))
         return Ns
     torch._foreach_div_(denominators, sqrt_b2)
     torch._foreach_add_(denominators, eps)
-    Ns = torch._foreach_div(Ms, denominators)
+    Ns = list(torch._foreach_div(Ms, denominators))
     torch._foreach_div_(Ns, B1s)
     return Ns
 
@@ -227,6 +227,7 @@ def apply_lowrank_update_(
     elif P is not None:
         left, right = P, N
     else:
+        assert Q is not None, "a projector on at least one side"
         left, right = N, Q.T
     if not p.is_contiguous():
         apply_update_(p, (left @ right).mul_(scale), lr, weight_decay, convention)

@@ -314,7 +314,9 @@ class AdaRankAdamW(Optimizer):
     # ------------------------------------------------------------------ step
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], float] | None = None
+    ) -> float | None:
         """One optimisation step; returns ``closure()``'s loss when given."""
         loss = None
         if closure is not None:
@@ -463,7 +465,8 @@ class AdaRankAdamW(Optimizer):
                 init_plain_state(p, state)
             on_cpu = all(p.device.type == "cpu" for p in params)
             adamw(
-                params, [p.grad for p in params], [st["exp_avg"] for st in states],
+                params, [p.grad for p in params],  # type: ignore[misc]
+                [st["exp_avg"] for st in states],
                 [st["exp_avg_sq"] for st in states], [], [st["step"] for st in states],
                 foreach=not on_cpu, fused=on_cpu or None, amsgrad=False, beta1=beta1,
                 beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
@@ -673,7 +676,7 @@ class GaLoreAdamW(AdaRankAdamW):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
@@ -746,6 +749,18 @@ class QGaLoreAdamW(GaLoreAdamW):
     optimizer; every ``Int8Linear`` weight in a group is then updated through its
     dequantised value and re-quantised with stochastic rounding (unbiased).
     """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        **lowrank: Unpack[QGaLoreOptions],
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         **lowrank)  # type: ignore[misc]
 
     @classmethod
     def _lowrank_defaults(cls) -> dict[str, Any]:

@@ -39,7 +39,8 @@ def gradient_of(p: torch.Tensor) -> torch.Tensor | None:
     ``weight_grad`` (integer tensors cannot hold a float ``.grad``)."""
     if p.grad is not None:
         return p.grad
-    return p.weight_grad if is_int8_weight(p) else None
+    # INT8 weights carry attributes set by quant.Int8Linear (not in torch's types).
+    return getattr(p, "weight_grad", None) if is_int8_weight(p) else None
 
 
 class Item:
@@ -74,7 +75,7 @@ class Item:
         """The tensor an update is applied to: this rank's block of the parameter, or an
         INT8 weight's float32 dequantisation (re-quantised by ``store_weight``)."""
         if is_int8_weight(self.param):
-            return self.param.int8_module.dequantized_weight()
+            return _int8_module(self.param).dequantized_weight()
         return local_tensor(self.param)
 
     def store_weight(self, W: torch.Tensor) -> None:
@@ -86,8 +87,13 @@ class Item:
         group = self.group
         gen = torch.Generator(device=W.device)
         gen.manual_seed(mix_seed(group["seed"], self.index, int(self.state["step"]), 0x1A7))
-        self.param.int8_module.set_weight_(W, stochastic=group["stochastic_rounding"],
-                                           generator=gen)
+        _int8_module(self.param).set_weight_(W, stochastic=group["stochastic_rounding"],
+                                             generator=gen)
+
+
+def _int8_module(p: torch.Tensor) -> Any:
+    """The ``quant.Int8Linear`` that owns an INT8 weight."""
+    return getattr(p, "int8_module")  # noqa: B009
 
 
 def first_sketch(state: dict[str, Any], group: dict[str, Any], cap: int) -> int:
@@ -213,11 +219,12 @@ def change_subspace(
     """Move M, V and their weights into the new coordinates (``group["moments"]``) and
     store the new projectors."""
     P_old, Q_old = projectors(state)
-    C_left = None if P_new is None else ops.matmul_tn(P_new, P_old)
-    C_right = None if Q_new is None else Q_new.T @ Q_old
+    # A side in use has an old and a new basis (the side of a matrix never changes).
+    C_left = None if P_new is None or P_old is None else ops.matmul_tn(P_new, P_old)
+    C_right = None if Q_new is None or Q_old is None else Q_new.T @ Q_old
     keys = MOMENT_KEYS + BIAS_KEYS
-    moved = transfer_moments(*[local_tensor(state[key]) for key in keys], C_left, C_right,
-                             group["moments"])
+    M, V, W1, W2 = (local_tensor(state[key]) for key in keys)
+    moved = transfer_moments(M, V, W1, W2, C_left, C_right, group["moments"])
     for key, value in zip(keys, moved, strict=True):
         # Moments keep G's rows on the right side (no left projector).
         rows = key in MOMENT_KEYS and P_new is None

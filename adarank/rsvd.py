@@ -19,16 +19,20 @@ afterwards, so callers' numpy streams are untouched.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 
 __all__ = [
     "BACKENDS",
+    "Backend",
+    "SketchLayout",
     "exact_svd",
     "fbpca_svd",
     "mix_seed",
+    "range_finder_svd",
     "randomized_svd",
     "randomized_svd_batched",
     "truncated_svd",
@@ -158,7 +162,15 @@ def exact_svd(
     return U[..., :k], S[..., :k], Vh[..., :k, :]
 
 
-Backend = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+class Backend(Protocol):
+    """A truncated-SVD backend: the top-``k`` triplets ``(U, S, Vh)`` of ``G`` (m×n) as
+    float32 tensors on G's device, S descending. Registered by name in ``BACKENDS``; a
+    param group stores the name (``backend``), so checkpoints stay ``weights_only``."""
+
+    def __call__(
+        self, G: torch.Tensor, k: int, *, oversample: int = 8, power_iters: int = 2,
+        seed: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 BACKENDS: dict[str, Backend] = {
     "torch": randomized_svd,
@@ -212,19 +224,79 @@ def randomized_svd_batched(
     k = min(k, n)
     width = min(k + oversample, n)
     omega = torch.stack([_gaussian(n, width, seed, A.device) for seed in seeds])
-    At = A.transpose(1, 2)
-    Q = _orth(torch.bmm(A, omega))
-    for _ in range(power_iters):
-        Z = _orth(torch.bmm(At, Q))
-        Q = _orth(torch.bmm(A, Z))
-    B = torch.bmm(Q.transpose(1, 2), A)  # b × width × n
-    Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
-    U = torch.bmm(Q, Ub[:, :, :k])
-    S = S[:, :k]
-    Vh = Vh[:, :k]
+    U, S, Vh = range_finder_svd(A, omega, k, power_iters, _WHOLE)
     if transposed:
         return Vh.transpose(1, 2).contiguous(), S, U.transpose(1, 2).contiguous()
     return U, S, Vh
+
+
+class SketchLayout(Protocol):
+    """Where the operands of ``range_finder_svd`` live. ``A`` (…×m×n) is the matrix in its
+    tall orientation, ``X`` a panel on its column side (…×n×l), ``Y`` on its row side
+    (…×m×l); a layout may keep either side split across processes."""
+
+    def times(self, A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        """``A X`` (row side)."""
+        ...
+
+    def times_t(self, A: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """``Aᵀ Y`` (column side)."""
+        ...
+
+    def orth_rows(self, Y: torch.Tensor) -> torch.Tensor:
+        """Orthonormal basis of a row-side panel."""
+        ...
+
+    def orth_cols(self, X: torch.Tensor) -> torch.Tensor:
+        """Orthonormal basis of a column-side panel."""
+        ...
+
+    def small_svd(self, Q: torch.Tensor, A: torch.Tensor, k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-``k`` SVD of ``A`` restricted to the range of the row-side basis ``Q``:
+        of ``B = Qᵀ A``, with ``U = Q U_B``."""
+        ...
+
+
+class _Whole:
+    """``SketchLayout`` of matrices this process holds whole (stacks: batched kernels)."""
+
+    def times(self, A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(A, X)
+
+    def times_t(self, A: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(A.transpose(1, 2), Y)
+
+    def orth_rows(self, Y: torch.Tensor) -> torch.Tensor:
+        return _orth(Y)
+
+    def orth_cols(self, X: torch.Tensor) -> torch.Tensor:
+        return _orth(X)
+
+    def small_svd(self, Q: torch.Tensor, A: torch.Tensor, k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B = torch.bmm(Q.transpose(1, 2), A)  # b × width × n
+        Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
+        return torch.bmm(Q, Ub[..., :k]), S[..., :k], Vh[..., :k, :]
+
+
+_WHOLE = _Whole()
+
+
+def range_finder_svd(
+    A: torch.Tensor, omega: torch.Tensor, k: int, power_iters: int, layout: SketchLayout
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The randomized range finder with subspace iteration (HMT 2011, Algorithms 4.4 and
+    5.1), written once for every layout: ``Q = orth(A Ω)``; ``power_iters`` times
+    ``Q = orth(A orth(Aᵀ Q))``; then the SVD of ``Qᵀ A``. ``A`` is tall (m ≥ n) and
+    float32, ``Ω`` its n×l Gaussian test matrix; returns ``(U, S, Vh)`` of rank ``k``.
+    ``layout`` says how each product and orthonormalisation is computed: whole here
+    (``randomized_svd_batched``), on row shards in ``distributed.sharded_randomized_svd``."""
+    Q = layout.orth_rows(layout.times(A, omega))
+    for _ in range(power_iters):
+        Z = layout.orth_cols(layout.times_t(A, Q))
+        Q = layout.orth_rows(layout.times(A, Z))
+    return layout.small_svd(Q, A, k)
 
 
 def truncated_svd_batched(
@@ -253,7 +325,10 @@ def truncated_svd(
     G: torch.Tensor,
     k: int,
     backend: str = "torch",
-    **kwargs: int | None,
+    *,
+    oversample: int = 8,
+    power_iters: int = 2,
+    seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dispatch to a registered backend by name (``"torch"``, ``"fbpca"``, ``"exact"``)."""
     try:
@@ -262,4 +337,4 @@ def truncated_svd(
         raise ValueError(
             f"backend={backend!r} is not known; choose one of {sorted(BACKENDS)}"
         ) from None
-    return fn(G, k, **kwargs)
+    return fn(G, k, oversample=oversample, power_iters=power_iters, seed=seed)

@@ -8,10 +8,14 @@ the right (see ``projector.py``). When a subspace changes from ``P_old`` to
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 __all__ = [
     "MOMENT_POLICIES",
+    "WHOLE",
+    "RowReduce",
     "align_signs",
     "subspace_overlap",
     "subspace_overlap_tensor",
@@ -26,52 +30,95 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(Y, mode="reduced").Q
 
 
-def align_signs(new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
+class RowReduce(Protocol):
+    """The three operations on *row* operands (G, P) that tracking, sign alignment and
+    overlap need; under FSDP2 each process holds some rows (``distributed.ShardContext``).
+    ``WHOLE``: one process holds every row."""
+
+    def matmul_tn(self, A: torch.Tensor, B: torch.Tensor, label: str = ...) -> torch.Tensor:
+        """``AᵀB`` of two row operands (whole on every process)."""
+        ...
+
+    def orth(self, Y: torch.Tensor) -> torch.Tensor:
+        """Orthonormal basis of a tall row operand, rows as ``Y``'s."""
+        ...
+
+    def sum_rows(self, x: torch.Tensor, label: str = ...) -> torch.Tensor:
+        """``x`` (a contiguous partial result over this process's rows) summed over rows."""
+        ...
+
+
+class _Whole:
+    def matmul_tn(self, A: torch.Tensor, B: torch.Tensor, label: str = "") -> torch.Tensor:
+        return A.T @ B
+
+    def orth(self, Y: torch.Tensor) -> torch.Tensor:
+        return _orth(Y)
+
+    def sum_rows(self, x: torch.Tensor, label: str = "") -> torch.Tensor:
+        return x
+
+
+WHOLE: RowReduce = _Whole()
+
+
+def align_signs(
+    new: torch.Tensor, old: torch.Tensor | None, rows: RowReduce = WHOLE
+) -> torch.Tensor:
     """Flip columns of ``new`` whose leading-column overlap with ``old`` is negative.
 
     An SVD or QR fixes each basis vector only up to sign; aligning signs keeps
     coordinates comparable across refreshes, which matters for the ``keep``
     policy and makes ``C`` close to the identity when the subspace barely moved.
+    ``rows``: how the bases' rows are held (the column dots are summed over them).
     """
     if old is None:
         return new
     k = min(new.shape[1], old.shape[1])
-    dots = (new[:, :k] * old[:, :k]).sum(0)
+    dots = rows.sum_rows((new[:, :k] * old[:, :k]).sum(0).contiguous(), "signs")
     signs = torch.where(dots < 0, -1.0, 1.0).to(new.dtype)
     out = new.clone()
     out[:, :k] *= signs
     return out
 
 
-def subspace_overlap(old: torch.Tensor | None, new: torch.Tensor | None) -> float:
+def subspace_overlap(
+    old: torch.Tensor | None, new: torch.Tensor | None, rows: RowReduce = WHOLE
+) -> float:
     """Mean squared cosine of the principal angles, ``‖newᵀ old‖_F² / min(r_old, r_new)``.
 
     1 when one subspace contains the other, ``≈ r/d`` for random subspaces of
     dimension r in R^d, 0 when orthogonal. ``nan`` when either is missing.
     """
-    return float(subspace_overlap_tensor(old, new))
+    return float(subspace_overlap_tensor(old, new, rows))
 
 
-def subspace_overlap_tensor(old: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor:
+def subspace_overlap_tensor(
+    old: torch.Tensor | None, new: torch.Tensor | None, rows: RowReduce = WHOLE
+) -> torch.Tensor:
     """``subspace_overlap`` as a 0-d float32 tensor on the bases' device (no host
     synchronisation); a CPU ``nan`` when either is missing."""
     if old is None or new is None:
         return torch.tensor(float("nan"))
-    C = new.T @ old
+    C = rows.matmul_tn(new, old, "overlap")
     return C.square().sum() / min(old.shape[1], new.shape[1])
 
 
 def track_subspace(
-    G: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None
+    G: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None, rows: RowReduce = WHOLE
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One warm-started block power step towards G's dominant subspaces.
 
     ``P ← orth(G Gᵀ P)`` and ``Q ← orth(Gᵀ G Q)`` (subspace iteration, as in
     LDAdam and Dion): four thin matmuls and a QR of an m×r panel, no SVD. The
-    rank is unchanged; signs are aligned to the previous basis.
+    rank is unchanged; signs are aligned to the previous basis. ``rows``: how G's
+    and P's rows are held (Q is whole everywhere).
     """
-    P_new = None if P is None else align_signs(_orth(G @ (G.T @ P)), P)
-    Q_new = None if Q is None else align_signs(_orth(G.T @ (G @ Q)), Q)
+    P_new = Q_new = None
+    if P is not None:
+        P_new = align_signs(rows.orth(G @ rows.matmul_tn(G, P, "track")), P, rows)
+    if Q is not None:
+        Q_new = align_signs(_orth(rows.matmul_tn(G, G @ Q, "track")), Q)
     return P_new, Q_new
 
 
