@@ -80,8 +80,18 @@ def apply_update_(
 
 
 def adam_step_(
-    p: torch.Tensor, g: torch.Tensor, M: torch.Tensor, V: torch.Tensor, *, step: int,
-    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, convention: str,
+    p: torch.Tensor,
+    g: torch.Tensor,
+    M: torch.Tensor,
+    V: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    convention: str,
 ) -> None:
     """Plain AdamW on a full-size parameter (biases, norms, excluded weights).
 
@@ -110,8 +120,13 @@ NormFn = Callable[[torch.Tensor, bool], torch.Tensor]
 
 
 def residual_update(
-    G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, P: torch.Tensor | None,
-    Q: torch.Tensor | None, previous_norm: torch.Tensor, limit: float,
+    G: torch.Tensor,
+    R: torch.Tensor,
+    N: torch.Tensor,
+    P: torch.Tensor | None,
+    Q: torch.Tensor | None,
+    previous_norm: torch.Tensor,
+    limit: float,
     norm: NormFn | None = None,
 ) -> torch.Tensor:
     """The part of ``G`` outside the subspace, scaled like Adam scaled ``R`` (DESIGN §3.7).
@@ -135,18 +150,36 @@ def residual_update(
     S = (G - project_back(R, P, Q)) * phi
     s_norm = norm(S, True)
     ceiling = limit * previous_norm
-    shrink = torch.where((previous_norm > 0) & (s_norm > ceiling),
-                         ceiling / s_norm.clamp_min(tiny), torch.ones_like(s_norm))
+    shrink = torch.where(
+        (previous_norm > 0) & (s_norm > ceiling),
+        ceiling / s_norm.clamp_min(tiny),
+        torch.ones_like(s_norm),
+    )
     previous_norm.copy_(s_norm * shrink)
     return S.mul_(shrink)
 
 
 def lowrank_adam_step_(
-    p: torch.Tensor, G: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None,
-    M: torch.Tensor, V: torch.Tensor, bc1: torch.Tensor, bc2: torch.Tensor, *, lr: float,
-    beta1: float, beta2: float, eps: float, weight_decay: float, scale: float, convention: str,
-    residual_norm: torch.Tensor | None = None, residual_limit: float = 1.01,
-    R: torch.Tensor | None = None, norm: NormFn | None = None,
+    p: torch.Tensor,
+    G: torch.Tensor,
+    P: torch.Tensor | None,
+    Q: torch.Tensor | None,
+    M: torch.Tensor,
+    V: torch.Tensor,
+    bc1: torch.Tensor,
+    bc2: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    convention: str,
+    residual_norm: torch.Tensor | None = None,
+    residual_limit: float = 1.01,
+    R: torch.Tensor | None = None,
+    norm: NormFn | None = None,
 ) -> torch.Tensor:
     """Adam in the compact space (DESIGN §3.6) and the back-projected update.
 
@@ -175,9 +208,16 @@ def lowrank_adam_step_(
 
 
 def foreach_adam_directions_(
-    Rs: list[torch.Tensor], Ms: list[torch.Tensor], Vs: list[torch.Tensor],
-    B1s: list[torch.Tensor], B2s: list[torch.Tensor], *, beta1: float, beta2: float,
-    eps: float, convention: str,
+    Rs: list[torch.Tensor],
+    Ms: list[torch.Tensor],
+    Vs: list[torch.Tensor],
+    B1s: list[torch.Tensor],
+    B2s: list[torch.Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    convention: str,
 ) -> list[torch.Tensor]:
     """The compact half of ``lowrank_adam_step_`` for many matrices in ``torch._foreach_*``
     kernels: update the moments ``Ms``/``Vs`` and their per-coordinate weights
@@ -206,8 +246,15 @@ def foreach_adam_directions_(
 
 
 def apply_lowrank_update_(
-    p: torch.Tensor, N: torch.Tensor, P: torch.Tensor | None, Q: torch.Tensor | None, *,
-    lr: float, weight_decay: float, scale: float, convention: str,
+    p: torch.Tensor,
+    N: torch.Tensor,
+    P: torch.Tensor | None,
+    Q: torch.Tensor | None,
+    *,
+    lr: float,
+    weight_decay: float,
+    scale: float,
+    convention: str,
 ) -> None:
     """``p ← p − lr·α·back(N)`` with decoupled decay as ``apply_update_``, in one GEMM.
 
@@ -264,11 +311,24 @@ class LowRankSlot(Protocol):
 
 
 def lowrank_adam(
-    slots: Sequence[LowRankSlot], Ms: list[torch.Tensor], Vs: list[torch.Tensor],
-    B1s: list[torch.Tensor], B2s: list[torch.Tensor], Rs: Sequence[torch.Tensor | None],
-    residual_norms: Sequence[torch.Tensor] | None, *, lr: float, beta1: float, beta2: float,
-    eps: float, weight_decay: float, scale: float, convention: str, residual_limit: float,
-    foreach: bool, cache_projectors: bool = True,
+    slots: Sequence[LowRankSlot],
+    Ms: list[torch.Tensor],
+    Vs: list[torch.Tensor],
+    B1s: list[torch.Tensor],
+    B2s: list[torch.Tensor],
+    Rs: Sequence[torch.Tensor | None],
+    residual_norms: Sequence[torch.Tensor] | None,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    convention: str,
+    residual_limit: float,
+    foreach: bool,
+    cache_projectors: bool = True,
 ) -> list[torch.Tensor]:
     """The compact Adam step of many low-rank matrices (DESIGN §3.6), in one of two kernels.
 
@@ -284,17 +344,43 @@ def lowrank_adam(
     """
     multi = foreach and residual_norms is None and not any(s.ops.sharded for s in slots)
     kernel = _multi_tensor_lowrank_adam if multi else _single_tensor_lowrank_adam
-    return kernel(slots, Ms, Vs, B1s, B2s, Rs, residual_norms, lr=lr, beta1=beta1,
-                  beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
-                  convention=convention, residual_limit=residual_limit,
-                  cache_projectors=cache_projectors)
+    return kernel(
+        slots,
+        Ms,
+        Vs,
+        B1s,
+        B2s,
+        Rs,
+        residual_norms,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        scale=scale,
+        convention=convention,
+        residual_limit=residual_limit,
+        cache_projectors=cache_projectors,
+    )
 
 
 def _single_tensor_lowrank_adam(
-    slots: Sequence[LowRankSlot], Ms: list[torch.Tensor], Vs: list[torch.Tensor],
-    B1s: list[torch.Tensor], B2s: list[torch.Tensor], Rs: Sequence[torch.Tensor | None],
-    residual_norms: Sequence[torch.Tensor] | None, *, lr: float, beta1: float, beta2: float,
-    eps: float, weight_decay: float, scale: float, convention: str, residual_limit: float,
+    slots: Sequence[LowRankSlot],
+    Ms: list[torch.Tensor],
+    Vs: list[torch.Tensor],
+    B1s: list[torch.Tensor],
+    B2s: list[torch.Tensor],
+    Rs: Sequence[torch.Tensor | None],
+    residual_norms: Sequence[torch.Tensor] | None,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    convention: str,
+    residual_limit: float,
     cache_projectors: bool,
 ) -> list[torch.Tensor]:
     del cache_projectors  # each matrix's projectors are used once, right away
@@ -307,10 +393,25 @@ def _single_tensor_lowrank_adam(
             R = slot.ops.project(G, P, Q)
         W = slot.load_weight()
         lowrank_adam_step_(
-            W, G, P, Q, Ms[i], Vs[i], B1s[i], B2s[i], lr=lr, beta1=beta1, beta2=beta2,
-            eps=eps, weight_decay=weight_decay, scale=scale, convention=convention,
+            W,
+            G,
+            P,
+            Q,
+            Ms[i],
+            Vs[i],
+            B1s[i],
+            B2s[i],
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            scale=scale,
+            convention=convention,
             residual_norm=None if residual_norms is None else residual_norms[i],
-            residual_limit=residual_limit, R=R, norm=slot.ops.norm,
+            residual_limit=residual_limit,
+            R=R,
+            norm=slot.ops.norm,
         )
         slot.store_weight(W)
         captured.append(slot.ops.captured_fraction(R, G, R_rows=P is None))
@@ -318,10 +419,22 @@ def _single_tensor_lowrank_adam(
 
 
 def _multi_tensor_lowrank_adam(
-    slots: Sequence[LowRankSlot], Ms: list[torch.Tensor], Vs: list[torch.Tensor],
-    B1s: list[torch.Tensor], B2s: list[torch.Tensor], Rs: Sequence[torch.Tensor | None],
-    residual_norms: Sequence[torch.Tensor] | None, *, lr: float, beta1: float, beta2: float,
-    eps: float, weight_decay: float, scale: float, convention: str, residual_limit: float,
+    slots: Sequence[LowRankSlot],
+    Ms: list[torch.Tensor],
+    Vs: list[torch.Tensor],
+    B1s: list[torch.Tensor],
+    B2s: list[torch.Tensor],
+    Rs: Sequence[torch.Tensor | None],
+    residual_norms: Sequence[torch.Tensor] | None,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    convention: str,
+    residual_limit: float,
     cache_projectors: bool,
 ) -> list[torch.Tensor]:
     del residual_norms, residual_limit  # the residual path takes the single-tensor kernel
@@ -336,14 +449,16 @@ def _multi_tensor_lowrank_adam(
         projectors.append((P, Q) if cache_projectors else None)
         compact.append(project(G, P, Q) if R is None else R)
         g_norms.append(torch.linalg.vector_norm(G))
-    Ns = foreach_adam_directions_(compact, Ms, Vs, B1s, B2s, beta1=beta1, beta2=beta2,
-                                  eps=eps, convention=convention)
+    Ns = foreach_adam_directions_(
+        compact, Ms, Vs, B1s, B2s, beta1=beta1, beta2=beta2, eps=eps, convention=convention
+    )
     tiny = torch.finfo(torch.float32).tiny
     captured = torch.stack(torch._foreach_norm(compact)) / torch.stack(g_norms).clamp_min(tiny)
     for slot, N, PQ in zip(slots, Ns, projectors, strict=True):
         P, Q = PQ if PQ is not None else slot.projectors()
         W = slot.load_weight()
-        apply_lowrank_update_(W, N, P, Q, lr=lr, weight_decay=weight_decay, scale=scale,
-                              convention=convention)
+        apply_lowrank_update_(
+            W, N, P, Q, lr=lr, weight_decay=weight_decay, scale=scale, convention=convention
+        )
         slot.store_weight(W)
     return list(captured.unbind())

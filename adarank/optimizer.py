@@ -47,38 +47,38 @@ __all__ = ["LOWRANK_DEFAULTS", "AdaRankAdamW", "GaLoreAdamW", "LowRankOptions", 
 
 # The low-rank options, their AdaRankAdamW defaults and their meaning.
 LOWRANK_DEFAULTS: dict[str, Any] = {
-    "lowrank": True,        # project matrix parameters of this group
+    "lowrank": True,  # project matrix parameters of this group
     "rank_rule": "energy",  # "energy" (adaptive) or "fixed" (always max_rank)
-    "eta": 0.9,             # η: energy fraction of Σσ² the rank must capture
+    "eta": 0.9,  # η: energy fraction of Σσ² the rank must capture
     "min_rank": 1,
-    "max_rank": 256,        # also clamped to min(m, n)
-    "rank_hysteresis": 0,   # ignore rank drops of at most this many
-    "update_gap": 200,      # T: steps between scheduled refreshes
-    "backend": "torch",     # "torch" | "fbpca" | "exact"
-    "oversample": 8,        # p: extra sketch columns
-    "power_iters": 2,       # q: subspace iterations of the range finder
-    "proj_type": "std",     # "std" | "reverse_std" | "left" | "right" | "full"
-    "track_every": 10,      # online subspace step every k steps (0: off)
-    "check_every": 10,      # test for a stale subspace every k steps (0: off)
-    "refresh_below": 0.5,   # refresh early when ‖R‖_F/‖G‖_F falls below this
-    "converge_tol": 0.0,    # refresh early when ‖R‖_F ≤ this (AdaRankGrad; 0: off)
-    "moments": "rotate",    # "keep" | "reset" | "rotate" on a subspace change
-    "scale": 0.25,          # α: back-projection scale
-    "residual": False,      # also apply the gradient outside the subspace (Fira-style)
+    "max_rank": 256,  # also clamped to min(m, n)
+    "rank_hysteresis": 0,  # ignore rank drops of at most this many
+    "update_gap": 200,  # T: steps between scheduled refreshes
+    "backend": "torch",  # "torch" | "fbpca" | "exact"
+    "oversample": 8,  # p: extra sketch columns
+    "power_iters": 2,  # q: subspace iterations of the range finder
+    "proj_type": "std",  # "std" | "reverse_std" | "left" | "right" | "full"
+    "track_every": 10,  # online subspace step every k steps (0: off)
+    "check_every": 10,  # test for a stale subspace every k steps (0: off)
+    "refresh_below": 0.5,  # refresh early when ‖R‖_F/‖G‖_F falls below this
+    "converge_tol": 0.0,  # refresh early when ‖R‖_F ≤ this (AdaRankGrad; 0: off)
+    "moments": "rotate",  # "keep" | "reset" | "rotate" on a subspace change
+    "scale": 0.25,  # α: back-projection scale
+    "residual": False,  # also apply the gradient outside the subspace (Fira-style)
     "residual_limit": 1.01,  # γ: max growth of the residual's norm per step
-    "nonfinite": "skip",    # "skip" (count, leave state untouched) | "raise"
-    "seed": 0,              # base seed of the sketches' random streams
-    "proj_bits": 32,        # 32: float32 projectors; 8 or 4: group-wise quantised (Q-GaLore)
+    "nonfinite": "skip",  # "skip" (count, leave state untouched) | "raise"
+    "seed": 0,  # base seed of the sketches' random streams
+    "proj_bits": 32,  # 32: float32 projectors; 8 or 4: group-wise quantised (Q-GaLore)
     "proj_group_size": 256,  # elements per quantisation group of a projector
     "stochastic_rounding": True,  # INT8 weights (Int8Linear): round updates stochastically
     "lazy_refresh": False,  # Q-GaLore: lengthen a layer's gap while its subspace is stable
     "lazy_threshold": 0.4,  # ... when the mean |cos| of consecutive leading vectors ≥ this
-    "lazy_window": 5,       # ... over this many consecutive refreshes
-    "lazy_factor": 2,       # γ: the gap is multiplied by this
-    "stagger": 0,           # spread scheduled refreshes over this many phases of the gap
-    "foreach": True,        # multi-tensor fast paths (False: one matrix at a time)
+    "lazy_window": 5,  # ... over this many consecutive refreshes
+    "lazy_factor": 2,  # γ: the gap is multiplied by this
+    "stagger": 0,  # spread scheduled refreshes over this many phases of the gap
+    "foreach": True,  # multi-tensor fast paths (False: one matrix at a time)
     "convention": "torch",  # Adam convention: "torch" (torch.optim.AdamW) | "galore"
-    "align_signs": True,    # align basis signs with the previous subspace at a refresh
+    "align_signs": True,  # align basis signs with the previous subspace at a refresh
 }
 
 
@@ -118,6 +118,7 @@ class LowRankOptions(TypedDict, total=False):
     convention: str
     align_signs: bool
 
+
 _ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
 # Keys torch or its schedulers may add to a group.
 _TORCH_KEYS = ("params", "param_names", "initial_lr")
@@ -139,17 +140,28 @@ def validate_group(group: dict[str, Any]) -> None:
     _check(isinstance(lr, (int, float)) and lr >= 0, "lr", lr, "a number >= 0")
     betas = group["betas"]
     _check(
-        isinstance(betas, (tuple, list)) and len(betas) == 2
+        isinstance(betas, (tuple, list))
+        and len(betas) == 2
         and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas),
-        "betas", betas, "two numbers in [0, 1)",
+        "betas",
+        betas,
+        "two numbers in [0, 1)",
     )
-    _check(isinstance(group["eps"], (int, float)) and group["eps"] >= 0, "eps", group["eps"],
-           "a number >= 0")
+    _check(
+        isinstance(group["eps"], (int, float)) and group["eps"] >= 0,
+        "eps",
+        group["eps"],
+        "a number >= 0",
+    )
     wd = group["weight_decay"]
     _check(isinstance(wd, (int, float)) and wd >= 0, "weight_decay", wd, "a number >= 0")
     _check(isinstance(group["lowrank"], bool), "lowrank", group["lowrank"], "True or False")
-    _check(group["rank_rule"] in RANK_RULES, "rank_rule", group["rank_rule"],
-           f"one of {sorted(RANK_RULES)}")
+    _check(
+        group["rank_rule"] in RANK_RULES,
+        "rank_rule",
+        group["rank_rule"],
+        f"one of {sorted(RANK_RULES)}",
+    )
     eta = group["eta"]
     _check(isinstance(eta, (int, float)) and 0.0 < eta <= 1.0, "eta", eta, "a number in (0, 1]")
     for key in ("min_rank", "max_rank", "update_gap"):
@@ -159,19 +171,36 @@ def validate_group(group: dict[str, Any]) -> None:
             f"invalid min_rank={group['min_rank']} > max_rank={group['max_rank']}: "
             "min_rank must not exceed max_rank"
         )
-    for key in ("rank_hysteresis", "oversample", "power_iters", "track_every", "check_every",
-                "seed", "stagger"):
+    for key in (
+        "rank_hysteresis",
+        "oversample",
+        "power_iters",
+        "track_every",
+        "check_every",
+        "seed",
+        "stagger",
+    ):
         _check(_is_int(group[key]) and group[key] >= 0, key, group[key], "an integer >= 0")
     _check(group["backend"] in BACKENDS, "backend", group["backend"], f"one of {sorted(BACKENDS)}")
-    _check(group["proj_type"] in PROJ_TYPES, "proj_type", group["proj_type"],
-           f"one of {PROJ_TYPES}")
-    _check(group["moments"] in MOMENT_POLICIES, "moments", group["moments"],
-           f"one of {MOMENT_POLICIES}")
-    _check(group["nonfinite"] in _NONFINITE_POLICIES, "nonfinite", group["nonfinite"],
-           f"one of {_NONFINITE_POLICIES}")
+    _check(
+        group["proj_type"] in PROJ_TYPES, "proj_type", group["proj_type"], f"one of {PROJ_TYPES}"
+    )
+    _check(
+        group["moments"] in MOMENT_POLICIES,
+        "moments",
+        group["moments"],
+        f"one of {MOMENT_POLICIES}",
+    )
+    _check(
+        group["nonfinite"] in _NONFINITE_POLICIES,
+        "nonfinite",
+        group["nonfinite"],
+        f"one of {_NONFINITE_POLICIES}",
+    )
     rb = group["refresh_below"]
-    _check(isinstance(rb, (int, float)) and 0.0 <= rb <= 1.0, "refresh_below", rb,
-           "a number in [0, 1]")
+    _check(
+        isinstance(rb, (int, float)) and 0.0 <= rb <= 1.0, "refresh_below", rb, "a number in [0, 1]"
+    )
     ct = group["converge_tol"]
     _check(isinstance(ct, (int, float)) and ct >= 0, "converge_tol", ct, "a number >= 0")
     sc = group["scale"]
@@ -180,20 +209,33 @@ def validate_group(group: dict[str, Any]) -> None:
     _check(group["proj_bits"] in (4, 8, 32), "proj_bits", group["proj_bits"], "4, 8 or 32")
     pg = group["proj_group_size"]
     _check(_is_int(pg) and pg >= 1, "proj_group_size", pg, "an integer >= 1")
-    _check(isinstance(group["stochastic_rounding"], bool), "stochastic_rounding",
-           group["stochastic_rounding"], "True or False")
-    _check(group["convention"] in CONVENTIONS, "convention", group["convention"],
-           f"one of {CONVENTIONS}")
+    _check(
+        isinstance(group["stochastic_rounding"], bool),
+        "stochastic_rounding",
+        group["stochastic_rounding"],
+        "True or False",
+    )
+    _check(
+        group["convention"] in CONVENTIONS,
+        "convention",
+        group["convention"],
+        f"one of {CONVENTIONS}",
+    )
     for key in ("lazy_refresh", "foreach", "align_signs"):
         _check(isinstance(group[key], bool), key, group[key], "True or False")
     lt = group["lazy_threshold"]
-    _check(isinstance(lt, (int, float)) and -1.0 <= lt <= 1.0, "lazy_threshold", lt,
-           "a number in [-1, 1]")
+    _check(
+        isinstance(lt, (int, float)) and -1.0 <= lt <= 1.0,
+        "lazy_threshold",
+        lt,
+        "a number in [-1, 1]",
+    )
     for key in ("lazy_window", "lazy_factor"):
         _check(_is_int(group[key]) and group[key] >= 1, key, group[key], "an integer >= 1")
     gamma = group["residual_limit"]
-    _check(isinstance(gamma, (int, float)) and gamma >= 1.0, "residual_limit", gamma,
-           "a number >= 1")
+    _check(
+        isinstance(gamma, (int, float)) and gamma >= 1.0, "residual_limit", gamma, "a number >= 1"
+    )
 
 
 class AdaRankAdamW(Optimizer):
@@ -325,8 +367,7 @@ class AdaRankAdamW(Optimizer):
         index = 0
         for group in self.param_groups:
             params = group["params"]
-            with_grad = [(index + i, p) for i, p in enumerate(params)
-                         if gradient_of(p) is not None]
+            with_grad = [(index + i, p) for i, p in enumerate(params) if gradient_of(p) is not None]
             index += len(params)
             if not with_grad:
                 continue
@@ -376,8 +417,10 @@ class AdaRankAdamW(Optimizer):
         if not distributed.is_dtensor(p):
             return LOCAL
         if is_int8_weight(p):
-            raise ValueError(f"INT8 weights (Int8Linear) are not supported under FSDP2 "
-                             f"(parameter {self._name_of(group, p)})")
+            raise ValueError(
+                f"INT8 weights (Int8Linear) are not supported under FSDP2 "
+                f"(parameter {self._name_of(group, p)})"
+            )
         if group["lowrank"] and p.ndim >= 2:
             distributed.check_sharded_backend(group["backend"])
         return distributed.ShardContext.of(p)
@@ -420,7 +463,8 @@ class AdaRankAdamW(Optimizer):
                 if "exp_avg" in it.state:
                     position = next(j for j, q in enumerate(matrices) if q is it.param)
                     it.state["since_refresh"] += schedule.stagger_offset(
-                        position, len(matrices), group)
+                        position, len(matrices), group
+                    )
 
     @staticmethod
     def _lowrank_adam(group: dict, items: list[Item]) -> None:
@@ -436,13 +480,22 @@ class AdaRankAdamW(Optimizer):
             residual_norms = [st["residual_norm"] for st in states]
         beta1, beta2 = group["betas"]
         captured = lowrank_adam(
-            items, [local_tensor(st["exp_avg"]) for st in states],
+            items,
+            [local_tensor(st["exp_avg"]) for st in states],
             [local_tensor(st["exp_avg_sq"]) for st in states],
-            [st["bias1"] for st in states], [st["bias2"] for st in states],
-            [it.R for it in items], residual_norms, lr=group["lr"], beta1=beta1,
-            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            scale=group["scale"], convention=group["convention"],
-            residual_limit=group["residual_limit"], foreach=group["foreach"],
+            [st["bias1"] for st in states],
+            [st["bias2"] for st in states],
+            [it.R for it in items],
+            residual_norms,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            scale=group["scale"],
+            convention=group["convention"],
+            residual_limit=group["residual_limit"],
+            foreach=group["foreach"],
             cache_projectors=group["proj_bits"] == 32,
         )
         for st, fraction in zip(states, captured, strict=True):
@@ -454,9 +507,15 @@ class AdaRankAdamW(Optimizer):
         through torch's own multi-tensor kernel (fused on the CPU, foreach elsewhere,
         where the steps would have to live on the device for the fused one): that
         convention is ``torch.optim.AdamW``'s update."""
-        fused = [it for it in items
-                 if group["foreach"] and not it.ops.sharded and group["convention"] == "torch"
-                 and it.param.dtype == torch.float32 and not is_int8_weight(it.param)]
+        fused = [
+            it
+            for it in items
+            if group["foreach"]
+            and not it.ops.sharded
+            and group["convention"] == "torch"
+            and it.param.dtype == torch.float32
+            and not is_int8_weight(it.param)
+        ]
         beta1, beta2 = group["betas"]
         if fused:
             params = [it.param for it in fused]
@@ -465,12 +524,21 @@ class AdaRankAdamW(Optimizer):
                 init_plain_state(p, state)
             on_cpu = all(p.device.type == "cpu" for p in params)
             adamw(
-                params, [p.grad for p in params],  # type: ignore[misc]
+                params,
+                [p.grad for p in params],  # type: ignore[misc]
                 [st["exp_avg"] for st in states],
-                [st["exp_avg_sq"] for st in states], [], [st["step"] for st in states],
-                foreach=not on_cpu, fused=on_cpu or None, amsgrad=False, beta1=beta1,
-                beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-                eps=group["eps"], maximize=False,
+                [st["exp_avg_sq"] for st in states],
+                [],
+                [st["step"] for st in states],
+                foreach=not on_cpu,
+                fused=on_cpu or None,
+                amsgrad=False,
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=False,
             )
         for it in items:
             if any(it is f for f in fused):
@@ -481,10 +549,16 @@ class AdaRankAdamW(Optimizer):
             init_plain_state(W if is_int8_weight(it.param) else it.param, it.state)
             it.state["step"] += 1
             adam_step_(
-                W, local_tensor(gradient_of(it.param)),  # type: ignore[arg-type]
-                local_tensor(it.state["exp_avg"]), local_tensor(it.state["exp_avg_sq"]),
-                step=int(it.state["step"]), lr=group["lr"], beta1=beta1, beta2=beta2,
-                eps=group["eps"], weight_decay=group["weight_decay"],
+                W,
+                local_tensor(gradient_of(it.param)),  # type: ignore[arg-type]
+                local_tensor(it.state["exp_avg"]),
+                local_tensor(it.state["exp_avg_sq"]),
+                step=int(it.state["step"]),
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
                 convention=group["convention"],
             )
             it.store_weight(W)
@@ -538,8 +612,10 @@ class AdaRankAdamW(Optimizer):
 
     def refresh_gaps(self) -> dict[str, int]:
         """Current refresh gap of every low-rank parameter (grows under lazy refresh)."""
-        return {name: schedule.gap(self.state[p] if p in self.state else {}, group)
-                for name, p, group in self._lowrank_params()}
+        return {
+            name: schedule.gap(self.state[p] if p in self.state else {}, group)
+            for name, p, group in self._lowrank_params()
+        }
 
     def refresh_counts(self) -> dict[str, int]:
         """Number of SVD refreshes each low-rank parameter has had."""
@@ -572,8 +648,13 @@ class AdaRankAdamW(Optimizer):
         for state in self.state.values():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
-                    kind = ("moments" if key in MOMENT_KEYS
-                            else "projectors" if key.startswith(PROJ_KEYS) else "other")
+                    kind = (
+                        "moments"
+                        if key in MOMENT_KEYS
+                        else "projectors"
+                        if key.startswith(PROJ_KEYS)
+                        else "other"
+                    )
                     value = local_tensor(value)
                     out[kind] += value.numel() * value.element_size()
         out["total"] = sum(out.values())
@@ -599,8 +680,9 @@ class AdaRankAdamW(Optimizer):
         saved_groups = {i: g for g in state_dict["param_groups"] for i in g["params"]}
         for pid, st in state_dict["state"].items():
             if pid in by_id:
-                self._check_state_fits(by_id[pid], st, saved_groups[pid],
-                                       name_by_id[pid] or f"index {pid}")
+                self._check_state_fits(
+                    by_id[pid], st, saved_groups[pid], name_by_id[pid] or f"index {pid}"
+                )
         super().load_state_dict(state_dict)
         for pid, st in state_dict["state"].items():
             if pid in by_id:
@@ -620,7 +702,7 @@ class AdaRankAdamW(Optimizer):
             filled = {k: v for k, v in current.items() if k not in ("params", "param_names")}
             filled.update(saved)
             groups.append(filled)
-        groups += state_dict["param_groups"][len(groups):]
+        groups += state_dict["param_groups"][len(groups) :]
         return {**state_dict, "param_groups": groups}
 
     @staticmethod
@@ -646,7 +728,6 @@ class AdaRankAdamW(Optimizer):
                 f"checkpoint state for parameter {name} does not fit its shape {shape}: "
                 f"saved tensors {saved}; load it into the model it was saved from"
             )
-
 
 
 # GaLore's reference key names and ours.
@@ -686,21 +767,30 @@ class GaLoreAdamW(AdaRankAdamW):
         # Options given to the constructor apply to groups that do not say
         # otherwise; a rank given here makes those groups low-rank.
         options.setdefault("lowrank", "max_rank" in options)
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         **options)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **options)
 
     @classmethod
     def _lowrank_defaults(cls) -> dict[str, Any]:
         return dict(
-            LOWRANK_DEFAULTS, lowrank=False, rank_rule="fixed", max_rank=128, backend="exact",
-            track_every=0, check_every=0, refresh_below=0.0, moments="keep",
-            convention="galore", align_signs=False,
+            LOWRANK_DEFAULTS,
+            lowrank=False,
+            rank_rule="fixed",
+            max_rank=128,
+            backend="exact",
+            track_every=0,
+            check_every=0,
+            refresh_below=0.0,
+            moments="keep",
+            convention="galore",
+            align_signs=False,
         )
 
     def _translate_group(self, group: dict[str, Any]) -> dict[str, Any]:
         # As in the reference, a group is projected when it names a rank.
-        if "params" in group and "lowrank" not in group and (
-            "rank" in group or "max_rank" in group
+        if (
+            "params" in group
+            and "lowrank" not in group
+            and ("rank" in group or "max_rank" in group)
         ):
             group["lowrank"] = True
         for theirs, ours in _GALORE_KEYS.items():
@@ -759,13 +849,19 @@ class QGaLoreAdamW(GaLoreAdamW):
         weight_decay: float = 0.0,
         **lowrank: Unpack[QGaLoreOptions],
     ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         **lowrank)  # type: ignore[misc]
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **lowrank)  # type: ignore[misc]
 
     @classmethod
     def _lowrank_defaults(cls) -> dict[str, Any]:
-        return dict(super()._lowrank_defaults(), proj_bits=4, proj_group_size=256,
-                    lazy_refresh=True, lazy_threshold=0.4, lazy_window=5, lazy_factor=2)
+        return dict(
+            super()._lowrank_defaults(),
+            proj_bits=4,
+            proj_group_size=256,
+            lazy_refresh=True,
+            lazy_threshold=0.4,
+            lazy_window=5,
+            lazy_factor=2,
+        )
 
     def _translate_group(self, group: dict[str, Any]) -> dict[str, Any]:
         for theirs, ours in _QGALORE_KEYS.items():

@@ -43,9 +43,7 @@ __all__ = [
 TIE_RTOL = 1e-9
 
 
-def energy_count(
-    s: torch.Tensor, eta: float, total_energy: float | None = None
-) -> int | None:
+def energy_count(s: torch.Tensor, eta: float, total_energy: float | None = None) -> int | None:
     """The one definition of the energy rank: smallest ``k`` with
     ``Σ_{i≤k} s_i² ≥ η · E·(1 − TIE_RTOL)``, ``E = total_energy`` or ``Σ s_i²``.
 
@@ -110,7 +108,10 @@ class RankRule(Protocol):
     the name, and the options a rule reads are group keys."""
 
     def __call__(
-        self, S: torch.Tensor, total_energy: float, group: Mapping[str, Any],
+        self,
+        S: torch.Tensor,
+        total_energy: float,
+        group: Mapping[str, Any],
         previous_rank: int,
     ) -> tuple[int, bool]: ...
 

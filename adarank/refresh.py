@@ -49,8 +49,14 @@ class Item:
 
     __slots__ = ("R", "group", "index", "ops", "param", "shape", "state")
 
-    def __init__(self, index: int, param: torch.Tensor, state: dict[str, Any],
-                 group: dict[str, Any], ops: RowOps = LOCAL) -> None:
+    def __init__(
+        self,
+        index: int,
+        param: torch.Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        ops: RowOps = LOCAL,
+    ) -> None:
         self.index = index
         self.group = group
         self.param = param
@@ -87,8 +93,9 @@ class Item:
         group = self.group
         gen = torch.Generator(device=W.device)
         gen.manual_seed(mix_seed(group["seed"], self.index, int(self.state["step"]), 0x1A7))
-        _int8_module(self.param).set_weight_(W, stochastic=group["stochastic_rounding"],
-                                             generator=gen)
+        _int8_module(self.param).set_weight_(
+            W, stochastic=group["stochastic_rounding"], generator=gen
+        )
 
 
 def _int8_module(p: torch.Tensor) -> Any:
@@ -134,20 +141,26 @@ def refresh(group: dict[str, Any], items: list[Item], *, batched: bool) -> None:
             sketch = members[0][2]
             per_batch = max(1, REFRESH_BATCH_BYTES // (4 * m * n))
             for start in range(0, len(members), per_batch):
-                batch = members[start:start + per_batch]
+                batch = members[start : start + per_batch]
                 pending += _refresh_batch(group, rule, batch, sketch)
 
 
-def _refresh_batch(group: dict[str, Any], rule: Any, batch: list[tuple[Item, int, int]],
-                   sketch: int) -> list[tuple[Item, int, int]]:
+def _refresh_batch(
+    group: dict[str, Any], rule: Any, batch: list[tuple[Item, int, int]], sketch: int
+) -> list[tuple[Item, int, int]]:
     """One batched SVD; installs the satisfied items, returns the others, wider."""
     ops = batch[0][0].ops
     Gs = torch.stack([it.gradient() for it, _, _ in batch])
     local_rows = Gs.shape[1]
     seeds = [sketch_seed(group, it.index, it.state, sketch) for it, _, _ in batch]
-    U, S, Vh = ops.truncated_svd_batched(Gs, sketch, group["backend"], seeds=seeds,
-                                         oversample=group["oversample"],
-                                         power_iters=group["power_iters"])
+    U, S, Vh = ops.truncated_svd_batched(
+        Gs,
+        sketch,
+        group["backend"],
+        seeds=seeds,
+        oversample=group["oversample"],
+        power_iters=group["power_iters"],
+    )
     norms = ops.fro_norms(Gs)
     del Gs
     host = torch.cat([norms[:, None], S], dim=1).cpu()
@@ -162,8 +175,9 @@ def _refresh_batch(group: dict[str, Any], rule: Any, batch: list[tuple[Item, int
     return again
 
 
-def install(it: Item, group: dict[str, Any], U: torch.Tensor, Vh: torch.Tensor, rank: int,
-            local_rows: int) -> None:
+def install(
+    it: Item, group: dict[str, Any], U: torch.Tensor, Vh: torch.Tensor, rank: int, local_rows: int
+) -> None:
     """Make the top-``rank`` singular vectors of a refresh the subspace: align signs,
     carry the moments over (or create them), update the counters. ``local_rows``: this
     rank's rows of the matrix."""
@@ -176,8 +190,11 @@ def install(it: Item, group: dict[str, Any], U: torch.Tensor, Vh: torch.Tensor, 
         Q_new = None if Q_new is None else align_signs(Q_new, Q_old)
     if "exp_avg" in state:
         change_subspace(state, group, P_new, Q_new, ops)
-        state["overlap"] = (ops.overlap(P_old, P_new, rows=True) if P_new is not None
-                            else ops.overlap(Q_old, Q_new, rows=False))
+        state["overlap"] = (
+            ops.overlap(P_old, P_new, rows=True)
+            if P_new is not None
+            else ops.overlap(Q_old, Q_new, rows=False)
+        )
     else:
         # Right side: moments have G's rows (this rank's local_rows of them).
         rows = rank if P_new is not None else local_rows
@@ -213,8 +230,11 @@ def track(group: dict[str, Any], it: Item) -> None:
 
 
 def change_subspace(
-    state: dict[str, Any], group: dict[str, Any], P_new: torch.Tensor | None,
-    Q_new: torch.Tensor | None, ops: RowOps = LOCAL,
+    state: dict[str, Any],
+    group: dict[str, Any],
+    P_new: torch.Tensor | None,
+    Q_new: torch.Tensor | None,
+    ops: RowOps = LOCAL,
 ) -> None:
     """Move M, V and their weights into the new coordinates (``group["moments"]``) and
     store the new projectors."""

@@ -46,8 +46,10 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> list[bool]:
     if not tensors:
         return []
     sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors])
-    return [ok or bool(torch.isfinite(t).all())
-            for t, ok in zip(tensors, torch.isfinite(sums).tolist(), strict=True)]
+    return [
+        ok or bool(torch.isfinite(t).all())
+        for t, ok in zip(tensors, torch.isfinite(sums).tolist(), strict=True)
+    ]
 
 
 class RowOps(Protocol):
@@ -76,8 +78,7 @@ class RowOps(Protocol):
         """``(‖R‖_F, ‖G‖_F)`` as 0-d tensors; ``R_rows``: R = GQ has G's rows."""
         ...
 
-    def captured_fraction(self, R: torch.Tensor, G: torch.Tensor, *, R_rows: bool
-                          ) -> torch.Tensor:
+    def captured_fraction(self, R: torch.Tensor, G: torch.Tensor, *, R_rows: bool) -> torch.Tensor:
         """``‖R‖_F / ‖G‖_F`` (0-d, 0 for a zero G)."""
         ...
 
@@ -100,8 +101,14 @@ class RowOps(Protocol):
         ...
 
     def truncated_svd_batched(
-        self, Gs: torch.Tensor, k: int, backend: str, *, seeds: Sequence[int],
-        oversample: int, power_iters: int,
+        self,
+        Gs: torch.Tensor,
+        k: int,
+        backend: str,
+        *,
+        seeds: Sequence[int],
+        oversample: int,
+        power_iters: int,
     ) -> SVD:
         """Top-``k`` SVD of each matrix of a stack (b×m×n)."""
         ...
@@ -110,8 +117,9 @@ class RowOps(Protocol):
         """``subspace.align_signs`` for a row basis (P)."""
         ...
 
-    def overlap(self, old: torch.Tensor | None, new: torch.Tensor | None, *, rows: bool
-                ) -> torch.Tensor | float:
+    def overlap(
+        self, old: torch.Tensor | None, new: torch.Tensor | None, *, rows: bool
+    ) -> torch.Tensor | float:
         """``subspace.subspace_overlap`` of two bases; ``rows``: they are left projectors."""
         ...
 
@@ -147,8 +155,7 @@ class LocalRows:
         del R_rows
         return torch.linalg.vector_norm(R), torch.linalg.vector_norm(G)
 
-    def captured_fraction(self, R: torch.Tensor, G: torch.Tensor, *, R_rows: bool
-                          ) -> torch.Tensor:
+    def captured_fraction(self, R: torch.Tensor, G: torch.Tensor, *, R_rows: bool) -> torch.Tensor:
         del R_rows
         tiny = torch.finfo(torch.float32).tiny
         return torch.linalg.vector_norm(R) / torch.linalg.vector_norm(G).clamp_min(tiny)
@@ -168,17 +175,25 @@ class LocalRows:
         return torch.linalg.vector_norm(Gs, dim=(1, 2))
 
     def truncated_svd_batched(
-        self, Gs: torch.Tensor, k: int, backend: str, *, seeds: Sequence[int],
-        oversample: int, power_iters: int,
+        self,
+        Gs: torch.Tensor,
+        k: int,
+        backend: str,
+        *,
+        seeds: Sequence[int],
+        oversample: int,
+        power_iters: int,
     ) -> SVD:
-        return truncated_svd_batched(Gs, k, backend, seeds=seeds, oversample=oversample,
-                                     power_iters=power_iters)
+        return truncated_svd_batched(
+            Gs, k, backend, seeds=seeds, oversample=oversample, power_iters=power_iters
+        )
 
     def align_rows(self, new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
         return align_signs(new, old)
 
-    def overlap(self, old: torch.Tensor | None, new: torch.Tensor | None, *, rows: bool
-                ) -> torch.Tensor | float:
+    def overlap(
+        self, old: torch.Tensor | None, new: torch.Tensor | None, *, rows: bool
+    ) -> torch.Tensor | float:
         del rows
         return subspace_overlap_tensor(old, new)  # 0-d: no host synchronisation
 
@@ -192,12 +207,19 @@ class LocalRows:
         return track_subspace(G, P, Q)
 
     def truncated_svd(
-        self, G: torch.Tensor, k: int, backend: str, *, seed: int, oversample: int,
+        self,
+        G: torch.Tensor,
+        k: int,
+        backend: str,
+        *,
+        seed: int,
+        oversample: int,
         power_iters: int,
     ) -> SVD:
         """``rsvd.truncated_svd`` of one matrix."""
-        return truncated_svd(G, k, backend, seed=seed, oversample=oversample,
-                             power_iters=power_iters)
+        return truncated_svd(
+            G, k, backend, seed=seed, oversample=oversample, power_iters=power_iters
+        )
 
 
 LOCAL = LocalRows()

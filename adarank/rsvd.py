@@ -101,8 +101,9 @@ def randomized_svd(
         raise ValueError(f"randomized_svd: k must be >= 1, got {k}")
     if oversample < 0 or power_iters < 0:
         raise ValueError("randomized_svd: oversample and power_iters must be >= 0")
-    U, S, Vh = randomized_svd_batched(G[None], k, seeds=[seed], oversample=oversample,
-                                      power_iters=power_iters)
+    U, S, Vh = randomized_svd_batched(
+        G[None], k, seeds=[seed], oversample=oversample, power_iters=power_iters
+    )
     return U[0], S[0], Vh[0]
 
 
@@ -168,9 +169,15 @@ class Backend(Protocol):
     param group stores the name (``backend``), so checkpoints stay ``weights_only``."""
 
     def __call__(
-        self, G: torch.Tensor, k: int, *, oversample: int = 8, power_iters: int = 2,
+        self,
+        G: torch.Tensor,
+        k: int,
+        *,
+        oversample: int = 8,
+        power_iters: int = 2,
         seed: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
 
 BACKENDS: dict[str, Backend] = {
     "torch": randomized_svd,
@@ -251,8 +258,9 @@ class SketchLayout(Protocol):
         """Orthonormal basis of a column-side panel."""
         ...
 
-    def small_svd(self, Q: torch.Tensor, A: torch.Tensor, k: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def small_svd(
+        self, Q: torch.Tensor, A: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-``k`` SVD of ``A`` restricted to the range of the row-side basis ``Q``:
         of ``B = Qᵀ A``, with ``U = Q U_B``."""
         ...
@@ -273,8 +281,9 @@ class _Whole:
     def orth_cols(self, X: torch.Tensor) -> torch.Tensor:
         return _orth(X)
 
-    def small_svd(self, Q: torch.Tensor, A: torch.Tensor, k: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def small_svd(
+        self, Q: torch.Tensor, A: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B = torch.bmm(Q.transpose(1, 2), A)  # b × width × n
         Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
         return torch.bmm(Q, Ub[..., :k]), S[..., :k], Vh[..., :k, :]
@@ -312,12 +321,15 @@ def truncated_svd_batched(
     (b×m×k), (b×k), (b×k×n). ``torch`` runs ``randomized_svd_batched``, ``exact`` one
     batched ``torch.linalg.svd``; ``fbpca`` (numpy, one matrix at a time) loops."""
     if backend == "torch":
-        return randomized_svd_batched(G, k, seeds=seeds, oversample=oversample,
-                                      power_iters=power_iters)
+        return randomized_svd_batched(
+            G, k, seeds=seeds, oversample=oversample, power_iters=power_iters
+        )
     if backend == "exact":
         return exact_svd(G, k)  # torch.linalg.svd takes stacks as they are
-    parts = [truncated_svd(g, k, backend, seed=seed, oversample=oversample,
-                           power_iters=power_iters) for g, seed in zip(G, seeds, strict=True)]
+    parts = [
+        truncated_svd(g, k, backend, seed=seed, oversample=oversample, power_iters=power_iters)
+        for g, seed in zip(G, seeds, strict=True)
+    ]
     return tuple(torch.stack(xs) for xs in zip(*parts, strict=True))  # type: ignore[return-value]
 
 

@@ -11,8 +11,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["Plan", "gap", "is_stale", "periodic_due", "plan", "refresh_due",
-           "stagger_offset", "update_lazy_gap"]
+__all__ = [
+    "Plan",
+    "gap",
+    "is_stale",
+    "periodic_due",
+    "plan",
+    "refresh_due",
+    "stagger_offset",
+    "update_lazy_gap",
+]
 
 State = Mapping[str, Any]
 Group = Mapping[str, Any]

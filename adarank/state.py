@@ -33,8 +33,11 @@ STATE_SCHEMA: dict[str, tuple[str, str, str]] = {
     "exp_avg": ("both", "tensor", "M: first moment (compact r×n, m×r, r×r if low-rank)"),
     "exp_avg_sq": ("both", "tensor", "V: second moment, shaped as exp_avg"),
     "nonfinite_skips": ("both", "int", "steps skipped for a non-finite gradient"),
-    "bias1": ("lowrank", "float32 tensor (r×1, 1×r or r×r)",
-              "accumulated weight of M per compact coordinate (Adam's 1 − β₁ᵗ)"),
+    "bias1": (
+        "lowrank",
+        "float32 tensor (r×1, 1×r or r×r)",
+        "accumulated weight of M per compact coordinate (Adam's 1 − β₁ᵗ)",
+    ),
     "bias2": ("lowrank", "float32 tensor", "accumulated weight of V (1 − β₂ᵗ)"),
     "proj_left": ("lowrank", "float32 tensor m×r", "P, when not quantised"),
     "proj_right": ("lowrank", "float32 tensor n×r", "Q, when not quantised"),
@@ -62,8 +65,12 @@ def init_lowrank_state(state: dict[str, Any]) -> None:
     """The counters of a low-rank parameter's state before its first step."""
     if "step" not in state:
         state["step"] = torch.tensor(0.0)
-        for key, value in (("rank", 0), ("since_refresh", 0),
-                           ("refreshes", 0), ("overlap", float("nan"))):
+        for key, value in (
+            ("rank", 0),
+            ("since_refresh", 0),
+            ("refreshes", 0),
+            ("overlap", float("nan")),
+        ):
             state[key] = value
         state.setdefault("nonfinite_skips", 0)
 
@@ -85,14 +92,18 @@ def projectors(state: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor
     for key in PROJ_KEYS:
         q = unflatten_qtensor(state, key)
         value = state.get(key)
-        out.append(dequantize(q) if q is not None else
-                   None if value is None else local_tensor(value))
+        out.append(
+            dequantize(q) if q is not None else None if value is None else local_tensor(value)
+        )
     return out[0], out[1]
 
 
 def set_projectors(
-    state: dict[str, Any], group: dict[str, Any], P: torch.Tensor | None,
-    Q: torch.Tensor | None, ops: RowOps = LOCAL,
+    state: dict[str, Any],
+    group: dict[str, Any],
+    P: torch.Tensor | None,
+    Q: torch.Tensor | None,
+    ops: RowOps = LOCAL,
 ) -> None:
     """Store projectors as float32, or quantised to ``proj_bits`` under flat keys
     (``proj_left_codes``, ``proj_left_scale``, ...; see ``quant.flatten_qtensor``).
@@ -106,8 +117,9 @@ def set_projectors(
         if value is None:
             continue
         if group["proj_bits"] < 32 and value.numel() > 0:
-            state.update(flatten_qtensor(
-                quantize(value, group["proj_bits"], group["proj_group_size"]), key))
+            state.update(
+                flatten_qtensor(quantize(value, group["proj_bits"], group["proj_group_size"]), key)
+            )
         else:  # float32, or an empty shard (nothing to quantise)
             state[key] = ops.wrap_rows(value) if key == "proj_left" else value
 

@@ -21,8 +21,9 @@ CONFIG_NAMES = [k for k, v in FROZEN.items() if isinstance(v, dict)]
 
 
 def _maker():
-    spec = importlib.util.spec_from_file_location("make_frozen_states",
-                                                  FIXTURES / "make_frozen_states.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_frozen_states", FIXTURES / "make_frozen_states.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

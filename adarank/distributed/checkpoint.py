@@ -45,8 +45,7 @@ def save_checkpoint(
         quantised = group.get("proj_bits", 32) < 32
         for p in group["params"]:
             st = optimizer.state.get(p, {})
-            if not (quantised and is_dtensor(p)
-                    and ("proj_left" in st or "proj_left_codes" in st)):
+            if not (quantised and is_dtensor(p) and ("proj_left" in st or "proj_left_codes" in st)):
                 continue
             raise ValueError(
                 "save_checkpoint: a row-sharded (FSDP2) left projector stored quantised "
@@ -119,12 +118,17 @@ def load_checkpoint(
             like = _get_path(current, path[1:])
             dtype = meta.properties.dtype
             if isinstance(like, DTensor):
-                value = dtensor_empty(*meta.size, dtype=dtype, device_mesh=like.device_mesh,
-                                      placements=like.placements)
+                value = dtensor_empty(
+                    *meta.size,
+                    dtype=dtype,
+                    device_mesh=like.device_mesh,
+                    placements=like.placements,
+                )
             else:
                 value = torch.empty(meta.size, dtype=dtype)
         _set_path(optim_sd, path[1:], value)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=checkpoint_id)
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )

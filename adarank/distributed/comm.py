@@ -82,7 +82,8 @@ def all_reduce_(
 
 
 def shard_layout(
-    rows_local: int, group: dist.ProcessGroup | None = None,
+    rows_local: int,
+    group: dist.ProcessGroup | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[int, int]:
     """``(row_offset, total_rows)`` of this rank's block in a dim-0-sharded matrix.
@@ -118,19 +119,24 @@ def row_shard_info(
     if not isinstance(p, DTensor):
         return None, (0, rows)
     dims = [i for i, pl in enumerate(p.placements) if isinstance(pl, Shard) and pl.dim == 0]
-    others_replicated = all(isinstance(pl, Replicate) for i, pl in enumerate(p.placements)
-                            if i not in dims)
+    others_replicated = all(
+        isinstance(pl, Replicate) for i, pl in enumerate(p.placements) if i not in dims
+    )
     if len(dims) != 1 or not others_replicated:
-        raise ValueError(f"row_shard_info: expected one Shard(0) placement and Replicate "
-                         f"elsewhere, got {p.placements}")
+        raise ValueError(
+            f"row_shard_info: expected one Shard(0) placement and Replicate "
+            f"elsewhere, got {p.placements}"
+        )
     mesh = p.device_mesh
     size, me = mesh.size(dims[0]), mesh.get_local_rank(dims[0])
     block = -(-rows // size)
     offset = min(me * block, rows)
     local_rows = p.to_local().shape[0]
     if local_rows != min(block, rows - offset):
-        raise ValueError(f"row_shard_info: local block of {local_rows} rows does not follow "
-                         f"torch.chunk's layout of {rows} rows over {size} ranks")
+        raise ValueError(
+            f"row_shard_info: local block of {local_rows} rows does not follow "
+            f"torch.chunk's layout of {rows} rows over {size} ranks"
+        )
     return mesh.get_group(dims[0]), (offset, rows)
 
 
@@ -147,6 +153,7 @@ def sharded_all_finite(
         return []
     device = tensors_local[0].device
     bad = torch.stack([~torch.isfinite(t).all() for t in tensors_local]).to(
-        device=device, dtype=torch.float32)
+        device=device, dtype=torch.float32
+    )
     all_reduce_(bad, group, "finite")
     return [flag == 0.0 for flag in bad.tolist()]

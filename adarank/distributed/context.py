@@ -107,8 +107,14 @@ class ShardContext:
         """Row-sharded state as a DTensor of the parameter's mesh and placements
         (global rows m), so ``torch.distributed.checkpoint`` writes each rank's rows."""
         shape = (self.layout[1], *t.shape[1:])
-        return DTensor.from_local(t, self.mesh, self.placements, run_check=False,
-                                  shape=torch.Size(shape), stride=_contiguous_stride(shape))
+        return DTensor.from_local(
+            t,
+            self.mesh,
+            self.placements,
+            run_check=False,
+            shape=torch.Size(shape),
+            stride=_contiguous_stride(shape),
+        )
 
     def fro_sq(self, G: torch.Tensor) -> float:
         """``‖G‖_F²`` (replicated)."""
@@ -128,8 +134,7 @@ class ShardContext:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return sharded_projection_norms(R, G, R_sharded=R_rows, group=self.group)
 
-    def captured_fraction(self, R: torch.Tensor, G: torch.Tensor, *, R_rows: bool
-                          ) -> torch.Tensor:
+    def captured_fraction(self, R: torch.Tensor, G: torch.Tensor, *, R_rows: bool) -> torch.Tensor:
         return sharded_captured_fraction(R, G, R_sharded=R_rows, group=self.group)
 
     def dot_rows(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -144,31 +149,50 @@ class ShardContext:
         return sharded_project(G, P, Q, self.group)
 
     def truncated_svd(
-        self, G: torch.Tensor, k: int, backend: str, *, seed: int, oversample: int,
+        self,
+        G: torch.Tensor,
+        k: int,
+        backend: str,
+        *,
+        seed: int,
+        oversample: int,
         power_iters: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``U``'s rows of this rank, replicated S, Vh. Only the randomized ``"torch"``
         backend runs on row blocks: ``"exact"`` and ``"fbpca"`` need the full matrix,
         which no rank holds (``ValueError``)."""
         check_sharded_backend(backend)
-        return sharded_randomized_svd(G, k, oversample=oversample, power_iters=power_iters,
-                                      seed=seed, group=self.group, layout=self.layout)
+        return sharded_randomized_svd(
+            G,
+            k,
+            oversample=oversample,
+            power_iters=power_iters,
+            seed=seed,
+            group=self.group,
+            layout=self.layout,
+        )
 
     def truncated_svd_batched(
-        self, Gs: torch.Tensor, k: int, backend: str, *, seeds: Sequence[int],
-        oversample: int, power_iters: int,
+        self,
+        Gs: torch.Tensor,
+        k: int,
+        backend: str,
+        *,
+        seeds: Sequence[int],
+        oversample: int,
+        power_iters: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if Gs.shape[0] != 1:
             raise ValueError("ShardContext.truncated_svd_batched: a batch of one matrix")
-        U, S, Vh = self.truncated_svd(Gs[0], k, backend, seed=seeds[0], oversample=oversample,
-                                      power_iters=power_iters)
+        U, S, Vh = self.truncated_svd(
+            Gs[0], k, backend, seed=seeds[0], oversample=oversample, power_iters=power_iters
+        )
         return U[None], S[None], Vh[None]
 
     def align_rows(self, new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
         return sharded_align_signs(new, old, self.group)
 
-    def overlap(self, old: torch.Tensor | None, new: torch.Tensor | None, *, rows: bool
-                ) -> float:
+    def overlap(self, old: torch.Tensor | None, new: torch.Tensor | None, *, rows: bool) -> float:
         if rows:
             return sharded_subspace_overlap(old, new, self.group)
         return subspace_overlap(old, new)
@@ -195,9 +219,7 @@ def check_sharded_backend(backend: str) -> None:
         )
 
 
-def finite_flags(
-    tensors_local: Sequence[torch.Tensor], contexts: Sequence[RowOps]
-) -> list[bool]:
+def finite_flags(tensors_local: Sequence[torch.Tensor], contexts: Sequence[RowOps]) -> list[bool]:
     """For each gradient, whether it is finite (on every rank holding part of it).
 
     Unsharded tensors are tested locally (one host synchronisation); sharded
@@ -214,8 +236,9 @@ def finite_flags(
         if isinstance(c, ShardContext) and not any(c.group is g for g in groups):
             groups.append(c.group)
     for g in groups:
-        members = [i for i, c in enumerate(contexts)
-                   if isinstance(c, ShardContext) and c.group is g]
+        members = [
+            i for i, c in enumerate(contexts) if isinstance(c, ShardContext) and c.group is g
+        ]
         found = sharded_all_finite([tensors_local[i] for i in members], g)
         for i, ok in zip(members, found, strict=True):
             flags[i] = ok

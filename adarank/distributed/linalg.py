@@ -44,7 +44,9 @@ _COMPLETION_SEED = 0x5EED
 
 
 def sharded_matmul_tn(
-    A_local: torch.Tensor, B_local: torch.Tensor, group: dist.ProcessGroup | None = None,
+    A_local: torch.Tensor,
+    B_local: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
     label: str = "matmul_tn",
 ) -> torch.Tensor:
     """``Aᵀ B`` for row-sharded ``A`` (m×a) and ``B`` (m×b) with the same row blocks.
@@ -91,7 +93,9 @@ def _solve_right(X: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
 
 
 def _cholesky_qr2(
-    X: torch.Tensor, group: dist.ProcessGroup | None, gram: torch.Tensor | None = None,
+    X: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    gram: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """CholeskyQR2 (Fukaya et al. 2014) with float64 Grams; ``None`` when X is too
     ill-conditioned for it (a failed Cholesky, or a first-pass Q still far from
@@ -195,8 +199,10 @@ def sharded_qr(
     X = Y_local.to(torch.float32)
     gram, rows = _gram(X, group)
     if rows < X.shape[1]:
-        raise ValueError(f"sharded_qr: needs at least as many rows as columns, "
-                         f"got {rows}×{X.shape[1]} over all ranks")
+        raise ValueError(
+            f"sharded_qr: needs at least as many rows as columns, "
+            f"got {rows}×{X.shape[1]} over all ranks"
+        )
     result = _cholesky_qr2(X, group, gram)
     if result is not None:
         return result
@@ -265,15 +271,15 @@ def sharded_randomized_svd(
     holds more than an l×n or n×l panel besides its own rows of G.
     """
     if G_local.ndim != 2:
-        raise ValueError(f"sharded_randomized_svd: G must be 2-D, got shape "
-                         f"{tuple(G_local.shape)}")
+        raise ValueError(f"sharded_randomized_svd: G must be 2-D, got shape {tuple(G_local.shape)}")
     if k < 1:
         raise ValueError(f"sharded_randomized_svd: k must be >= 1, got {k}")
     if oversample < 0 or power_iters < 0:
         raise ValueError("sharded_randomized_svd: oversample and power_iters must be >= 0")
     if seed is None:
-        raise ValueError("sharded_randomized_svd: seed is required, so every rank draws "
-                         "the same sketch")
+        raise ValueError(
+            "sharded_randomized_svd: seed is required, so every rank draws the same sketch"
+        )
     A = G_local.to(torch.float32)
     m_local, n = A.shape
     offset, m = layout if layout is not None else shard_layout(m_local, group, A.device)
@@ -284,7 +290,7 @@ def sharded_randomized_svd(
         return range_finder_svd(A, omega, k, power_iters, _TallRows(group))
     k = min(k, m)
     width = min(k + oversample, m)
-    omega = _gaussian(m, width, seed, A.device)[offset:offset + m_local]
+    omega = _gaussian(m, width, seed, A.device)[offset : offset + m_local]
     U, S, Vh = range_finder_svd(A, omega, k, power_iters, _WideRows(group))
     return Vh.T, S, U.T.contiguous()
 
@@ -307,8 +313,9 @@ class _TallRows:
     def orth_cols(self, X: torch.Tensor) -> torch.Tensor:
         return _orth_local(X)
 
-    def small_svd(self, Q: torch.Tensor, A: torch.Tensor, k: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def small_svd(
+        self, Q: torch.Tensor, A: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B = sharded_matmul_tn(Q, A, self.group, "panel")  # width × n, replicated
         Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
         return Q @ Ub[:, :k], S[:k], Vh[:k]
@@ -333,8 +340,9 @@ class _WideRows:
     def orth_cols(self, X: torch.Tensor) -> torch.Tensor:
         return sharded_orth(X, self.group)
 
-    def small_svd(self, Q: torch.Tensor, A: torch.Tensor, k: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def small_svd(
+        self, Q: torch.Tensor, A: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Qᵀ Gᵀ = (G Q)ᵀ has sharded columns: G Q = Q₂R₂ (row-sharded), and the SVD of the
         # replicated R₂ᵀ = U_R S V_Rᵀ gives Qᵀ Gᵀ = U_R S (Q₂ V_R)ᵀ.
         Q2, R2 = sharded_qr(A @ Q, self.group)
@@ -348,7 +356,13 @@ def gram_comm_bytes(width: int) -> int:
 
 
 def randomized_svd_comm_bytes(
-    m: int, n: int, k: int, *, oversample: int = 8, power_iters: int = 2, world: int = 1,
+    m: int,
+    n: int,
+    k: int,
+    *,
+    oversample: int = 8,
+    power_iters: int = 2,
+    world: int = 1,
     layout_known: bool = True,
 ) -> int:
     """Bytes ``sharded_randomized_svd`` all-reduces per rank for an m×n matrix sharded on rows.
@@ -370,7 +384,9 @@ def randomized_svd_comm_bytes(
 
 
 def sharded_project(
-    G_local: torch.Tensor, P_local: torch.Tensor | None, Q: torch.Tensor | None,
+    G_local: torch.Tensor,
+    P_local: torch.Tensor | None,
+    Q: torch.Tensor | None,
     group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Compact gradient of a row-sharded G: ``R = PᵀG``, ``GQ`` or ``PᵀGQ``.
@@ -387,7 +403,10 @@ def sharded_project(
 
 
 def sharded_projection_norms(
-    R: torch.Tensor, G_local: torch.Tensor, *, R_sharded: bool,
+    R: torch.Tensor,
+    G_local: torch.Tensor,
+    *,
+    R_sharded: bool,
     group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(‖R‖_F, ‖G‖_F)`` replicated (0-d float32), one all-reduce of 2 floats.
@@ -397,14 +416,18 @@ def sharded_projection_norms(
     What the staleness test (``refresh_below``, ``converge_tol``) reads.
     """
     r_sq = R.to(torch.float32).square().sum()
-    local = torch.stack([r_sq if R_sharded else torch.zeros_like(r_sq),
-                         G_local.to(torch.float32).square().sum()])
+    local = torch.stack(
+        [r_sq if R_sharded else torch.zeros_like(r_sq), G_local.to(torch.float32).square().sum()]
+    )
     all_reduce_(local, group, "norms")
     return (local[0] if R_sharded else r_sq).sqrt(), local[1].sqrt()
 
 
 def sharded_captured_fraction(
-    R: torch.Tensor, G_local: torch.Tensor, *, R_sharded: bool,
+    R: torch.Tensor,
+    G_local: torch.Tensor,
+    *,
+    R_sharded: bool,
     group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """``‖R‖_F / ‖G‖_F`` replicated (0-d float32); ``0`` when G is zero (no ``nan``).
@@ -419,8 +442,7 @@ class _Rows:
 
     group: dist.ProcessGroup | None
 
-    def matmul_tn(self, A: torch.Tensor, B: torch.Tensor, label: str = "matmul_tn"
-                  ) -> torch.Tensor:
+    def matmul_tn(self, A: torch.Tensor, B: torch.Tensor, label: str = "matmul_tn") -> torch.Tensor:
         return sharded_matmul_tn(A, B, self.group, label)
 
     def orth(self, Y: torch.Tensor) -> torch.Tensor:
@@ -431,7 +453,8 @@ class _Rows:
 
 
 def sharded_subspace_overlap(
-    old_local: torch.Tensor | None, new_local: torch.Tensor | None,
+    old_local: torch.Tensor | None,
+    new_local: torch.Tensor | None,
     group: dist.ProcessGroup | None = None,
 ) -> float:
     """``subspace.subspace_overlap`` for row-sharded bases: ``‖newᵀ old‖_F² / min(r)``
@@ -440,7 +463,8 @@ def sharded_subspace_overlap(
 
 
 def sharded_align_signs(
-    new_local: torch.Tensor, old_local: torch.Tensor | None,
+    new_local: torch.Tensor,
+    old_local: torch.Tensor | None,
     group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """``subspace.align_signs`` for row-sharded bases: the column dots are all-reduced
@@ -449,7 +473,9 @@ def sharded_align_signs(
 
 
 def sharded_track_subspace(
-    G_local: torch.Tensor, P_local: torch.Tensor | None, Q: torch.Tensor | None,
+    G_local: torch.Tensor,
+    P_local: torch.Tensor | None,
+    Q: torch.Tensor | None,
     group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``subspace.track_subspace`` for a row-sharded G: one block power step.
