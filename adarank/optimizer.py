@@ -32,7 +32,7 @@ from .projector import PROJ_TYPES
 from .quant import is_int8_weight
 from .rank import RANK_RULES
 from .refresh import Item, gradient_of
-from .rows import LOCAL, RowOps, all_finite, local_tensor
+from .rows import LOCAL, RowOps, local_tensor
 from .rsvd import BACKENDS
 from .state import (
     MOMENT_KEYS,
@@ -364,39 +364,58 @@ class AdaRankAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Every skip and every raise is decided, for all groups, before the first update:
+        # a step applies to every parameter or to none (DESIGN §5).
+        work = []
         index = 0
         for group in self.param_groups:
             params = group["params"]
             with_grad = [(index + i, p) for i, p in enumerate(params) if gradient_of(p) is not None]
             index += len(params)
-            if not with_grad:
-                continue
-            self._refuse_sparse(group, [p for _, p in with_grad])
-            ops = [self._row_ops(p, group) for _, p in with_grad]
-            # One host synchronisation per group for the finiteness test; under FSDP2
-            # the flags are all-reduced, as a NaN may sit in one rank's shard and every
-            # rank must skip (and issue the same collectives).
-            grads = [local_tensor(gradient_of(p)) for _, p in with_grad]  # type: ignore[arg-type]
-            finite = _finite_flags(grads, ops)
-            lowrank: list[Item] = []
-            plain: list[Item] = []
-            for (i, p), ok, o in zip(with_grad, finite, ops, strict=True):
-                state = self.state[p]
-                if not ok:
-                    if group["nonfinite"] == "raise":
-                        raise FloatingPointError(
-                            f"non-finite gradient for parameter {self._name_of(group, p)} "
-                            "(set nonfinite='skip' to skip such steps instead)"
-                        )
-                    state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
-                    continue
-                item = Item(i, p, state, group, o)
-                (lowrank if group["lowrank"] and p.ndim >= 2 else plain).append(item)
+            if with_grad:
+                work.append((group, self._screen(group, with_grad)))
+        for group, (lowrank, plain, skipped) in work:
+            for it in skipped:
+                it.state["nonfinite_skips"] = it.state.get("nonfinite_skips", 0) + 1
             if lowrank:
                 self._lowrank_step(group, lowrank)
             if plain:
                 self._plain_step(group, plain)
         return loss
+
+    def _screen(
+        self, group: dict, with_grad: list[tuple[int, torch.Tensor]]
+    ) -> tuple[list[Item], list[Item], list[Item]]:
+        """A group's parameters with a gradient as ``(low-rank, plain, skipped)`` items.
+
+        Skipped (or, under ``nonfinite="raise"``, refused with ``FloatingPointError``): a
+        gradient with a NaN/Inf, and a finite one too large for float32 Adam state,
+        ``‖G‖_F > MAX_GRAD_NORM``, whose squares would overflow the second moment (an
+        inf V turns into NaN in the moment transfer). One host synchronisation per
+        group; under FSDP2 the verdicts are all-reduced, as a NaN may sit in one rank's
+        shard and every rank must skip (and issue the same collectives)."""
+        self._refuse_sparse(group, [p for _, p in with_grad])
+        ops = [self._row_ops(p, group) for _, p in with_grad]
+        grads = [local_tensor(gradient_of(p)) for _, p in with_grad]  # type: ignore[arg-type]
+        verdicts = _gradient_verdicts(grads, ops)
+        lowrank: list[Item] = []
+        plain: list[Item] = []
+        skipped: list[Item] = []
+        for (i, p), verdict, o in zip(with_grad, verdicts, ops, strict=True):
+            item = Item(i, p, self.state[p], group, o)
+            if verdict is not None:
+                if group["nonfinite"] == "raise":
+                    raise FloatingPointError(
+                        f"{verdict} gradient for parameter {self._name_of(group, p)}; no "
+                        "parameter was updated (set nonfinite='skip' to skip such steps "
+                        "instead)"
+                    )
+                skipped.append(item)
+            elif group["lowrank"] and p.ndim >= 2 and p.numel() > 0:
+                lowrank.append(item)
+            else:  # vectors, plain groups, and matrices without elements
+                plain.append(item)
+        return lowrank, plain, skipped
 
     def _refuse_sparse(self, group: dict, params: list[torch.Tensor]) -> None:
         for p in params:
@@ -870,10 +889,32 @@ class QGaLoreAdamW(GaLoreAdamW):
         return super()._translate_group(group)
 
 
-def _finite_flags(grads: list[torch.Tensor], ops: list[RowOps]) -> list[bool]:
-    """``rows.all_finite``, agreed across ranks when any gradient is sharded."""
+# Largest accepted ‖G‖_F: 2^60 ≈ 1.2e18, so squares stay below 2^120 and the second
+# moment, its transfer to a new subspace (sums over r ≤ 2^8 coordinates) and the
+# residual norm keep 2^8 of headroom below float32's largest value, 2^128.
+MAX_GRAD_NORM = 2.0**60
+
+
+def _gradient_verdicts(grads: list[torch.Tensor], ops: list[RowOps]) -> list[str | None]:
+    """Per gradient: None (use it), ``"non-finite"`` or ``"too large"`` (see ``_screen``)."""
     if any(o.sharded for o in ops):
         from .distributed import finite_flags
 
-        return finite_flags(grads, ops)
-    return all_finite(grads)
+        finite = finite_flags(grads, ops)
+        norms = [
+            float(o.norm(g.to(torch.float32), rows=True)) for g, o in zip(grads, ops, strict=True)
+        ]
+    else:
+        # One norm per gradient: finite iff every element is, unless the squares
+        # overflow; the rare alarm is confirmed exactly.
+        norms = torch.stack(
+            [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+        ).tolist()
+        finite = [
+            math.isfinite(n) or bool(torch.isfinite(g).all())
+            for g, n in zip(grads, norms, strict=True)
+        ]
+    return [
+        "non-finite" if not ok else "too large" if not norm <= MAX_GRAD_NORM else None
+        for ok, norm in zip(finite, norms, strict=True)
+    ]
