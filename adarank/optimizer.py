@@ -37,6 +37,7 @@ from .rsvd import BACKENDS
 from .state import (
     MOMENT_KEYS,
     PROJ_KEYS,
+    STATE_VERSION,
     init_lowrank_state,
     init_plain_state,
     projector_shape,
@@ -132,6 +133,14 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _as_lr(lr: Any) -> Any:
+    """A one-element tensor ``lr`` as a float (as torch.optim accepts it); else as given."""
+    if isinstance(lr, torch.Tensor):
+        _check(lr.numel() == 1, "lr", lr, "a number >= 0 or a one-element tensor")
+        return float(lr)
+    return lr
 
 
 def validate_group(group: dict[str, Any]) -> None:
@@ -319,7 +328,7 @@ class AdaRankAdamW(Optimizer):
         defaults = dict(self._lowrank_defaults())
         self._reject_unknown(lowrank, "optimizer argument")
         defaults.update(lowrank)
-        defaults.update(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults.update(lr=_as_lr(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         validate_group(defaults)
         super().__init__(params, defaults)
 
@@ -344,8 +353,7 @@ class AdaRankAdamW(Optimizer):
         self._reject_unknown(param_group, "param-group key")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"] = float(group["lr"])
+        group["lr"] = _as_lr(group["lr"])
         group["betas"] = tuple(group["betas"])
         try:
             validate_group(group)
@@ -681,9 +689,45 @@ class AdaRankAdamW(Optimizer):
 
     # ------------------------------------------------------------ checkpoints
 
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict()``; every group also records the state
+        schema's version (``state_version``) and the class that wrote it (``optimizer``),
+        so a later adarank can load it and a state of another optimizer is refused."""
+        out = super().state_dict()
+        for group in out["param_groups"]:
+            group["state_version"] = STATE_VERSION
+            group["optimizer"] = type(self).__name__
+        return out
+
+    @classmethod
+    def convert_state_dict(cls, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A copy of ``state_dict`` (of another adarank optimizer class) marked as this
+        class's, so ``load_state_dict`` accepts it. Its groups keep their saved options
+        (e.g. a GaLoreAdamW state keeps ``convention="galore"``); override any after
+        loading through ``param_groups``."""
+        groups = []
+        for group in state_dict["param_groups"]:
+            if "lowrank" not in group:
+                raise ValueError(
+                    "convert_state_dict: not an adarank optimizer's state (its groups have "
+                    "no 'lowrank' key); start this optimizer from its defaults instead"
+                )
+            groups.append({**group, "optimizer": cls.__name__})
+        return {**state_dict, "param_groups": groups}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict()``; tensors keep their saved dtypes (torch's loader
-        would cast float32 moments and projectors to a bf16 parameter's dtype)."""
+        """Load a ``state_dict()`` of this class, current or older.
+
+        The groups of an older state (``state_version`` absent: before versions) get
+        the keys added since from this optimizer's defaults; every group is validated as
+        the constructor validates (``ValueError``); a state written by another class
+        (e.g. GaLoreAdamW, or torch.optim.AdamW) is refused unless converted with
+        ``convert_state_dict``. Where the saved and the current groups both name their
+        parameters (``param_names``), state is matched by name, and a group whose names
+        differ is refused; otherwise by position. Tensors keep their saved dtypes
+        (torch's loader would cast float32 moments and projectors to a bf16
+        parameter's dtype)."""
+        state_dict = self._upgrade(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         if len(saved_ids) != len(params):
@@ -695,7 +739,6 @@ class AdaRankAdamW(Optimizer):
             n for g in self.param_groups for n in g.get("param_names", [None] * len(g["params"]))
         ]
         name_by_id = dict(zip(saved_ids, names, strict=True))
-        state_dict = self._fill_group_keys(state_dict)
         saved_groups = {i: g for g in state_dict["param_groups"] for i in g["params"]}
         for pid, st in state_dict["state"].items():
             if pid in by_id:
@@ -713,16 +756,65 @@ class AdaRankAdamW(Optimizer):
                         device = "cpu" if key == "step" else p.device
                         self.state[p][key] = value.to(device=device, copy=True)
 
-    def _fill_group_keys(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """``state_dict`` with the group keys an older checkpoint lacks taken from this
-        optimizer's groups (torch's loader replaces a group by the saved one)."""
+    def _upgrade(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` checked, filled, validated and ordered by name (see
+        ``load_state_dict``); the caller's dict is not modified."""
+        me = type(self).__name__
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"checkpoint has {len(saved_groups)} param groups, this {me} "
+                f"{len(self.param_groups)}; build the optimizer with the groups it was saved with"
+            )
         groups = []
-        for saved, current in zip(state_dict["param_groups"], self.param_groups, strict=False):
-            filled = {k: v for k, v in current.items() if k not in ("params", "param_names")}
-            filled.update(saved)
-            groups.append(filled)
-        groups += state_dict["param_groups"][len(groups) :]
+        for index, (saved, current) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            group = dict(saved)
+            version = group.pop("state_version", 0)
+            owner = group.pop("optimizer", None)
+            if not _is_int(version) or version > STATE_VERSION:
+                raise ValueError(
+                    f"checkpoint state_version={version!r} is newer than this adarank's "
+                    f"({STATE_VERSION}); load it with the adarank release that wrote it"
+                )
+            if owner is None and "lowrank" not in group:
+                raise ValueError(
+                    f"checkpoint param group {index} is not an adarank optimizer's (e.g. "
+                    f"torch.optim.AdamW's): {me} cannot continue its state; start {me} "
+                    "from fresh state instead"
+                )
+            if owner is not None and owner != me:
+                raise ValueError(
+                    f"checkpoint was written by {owner}, not {me}: its state follows "
+                    f"another algorithm; convert it explicitly with "
+                    f"{me}.convert_state_dict(state_dict) if that is intended"
+                )
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            group["betas"] = tuple(group["betas"])
+            try:
+                validate_group(group)
+            except ValueError as error:
+                raise ValueError(f"checkpoint param group {index}: {error}") from None
+            groups.append(self._order_by_name(group, current, index))
         return {**state_dict, "param_groups": groups}
+
+    @staticmethod
+    def _order_by_name(saved: dict[str, Any], current: dict[str, Any], index: int) -> dict:
+        """``saved`` with its parameters in ``current``'s order of names, where both have
+        names; refuses groups whose names differ."""
+        theirs, ours = saved.get("param_names"), current.get("param_names")
+        if not theirs or not ours:
+            return saved
+        if sorted(theirs) != sorted(ours):
+            missing = sorted(set(ours) - set(theirs))
+            extra = sorted(set(theirs) - set(ours))
+            raise ValueError(
+                f"checkpoint param group {index} names other parameters than this "
+                f"optimizer's: missing {missing}, unexpected {extra}; load it into the "
+                "model it was saved from"
+            )
+        by_name = dict(zip(theirs, saved["params"], strict=True))
+        return {**saved, "params": [by_name[n] for n in ours], "param_names": list(ours)}
 
     @staticmethod
     def _check_state_fits(p: torch.Tensor, st: dict, group: dict, name: str) -> None:
@@ -885,8 +977,21 @@ class QGaLoreAdamW(GaLoreAdamW):
     def _translate_group(self, group: dict[str, Any]) -> dict[str, Any]:
         for theirs, ours in _QGALORE_KEYS.items():
             if theirs in group:
-                group[ours] = group.pop(theirs)
+                value = group.pop(theirs)
+                _check_as(theirs, ours, value, self._lowrank_defaults())
+                group[ours] = value
         return super()._translate_group(group)
+
+
+def _check_as(theirs: str, ours: str, value: Any, defaults: dict[str, Any]) -> None:
+    """Validate ``value`` as the option ``ours`` and report it under the name the user
+    wrote, ``theirs`` (a reference implementation's key)."""
+    probe = dict(defaults, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    probe[ours] = value
+    try:
+        validate_group(probe)
+    except ValueError as error:
+        raise ValueError(str(error).replace(f"invalid {ours}=", f"invalid {theirs}=")) from None
 
 
 # Largest accepted ‖G‖_F: 2^60 ≈ 1.2e18, so squares stay below 2^120 and the second
