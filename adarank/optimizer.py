@@ -991,7 +991,8 @@ def _check_as(theirs: str, ours: str, value: Any, defaults: dict[str, Any]) -> N
     try:
         validate_group(probe)
     except ValueError as error:
-        raise ValueError(str(error).replace(f"invalid {ours}=", f"invalid {theirs}=")) from None
+        message = str(error).replace(f"invalid {ours}=", f"invalid {theirs}=")
+        raise ValueError(f"{message} (adarank's {ours})") from None
 
 
 # Largest accepted ‖G‖_F: 2^60 ≈ 1.2e18, so squares stay below 2^120 and the second
