@@ -163,9 +163,13 @@ def _refresh_batch(
     )
     norms = ops.fro_norms(Gs)
     del Gs
-    host = torch.cat([norms[:, None], S], dim=1).cpu()
+    host = torch.cat([norms[:, None], S.to(norms.dtype)], dim=1).cpu()
     again = []
     for j, (it, cap, _) in enumerate(batch):
+        if host[j, 0] == 0 and "exp_avg" in it.state:
+            # An all-zero G has no dominant subspace (its SVD is an arbitrary basis): keep
+            # the current one; the refresh is due again at the next step.
+            continue
         total_energy = float(host[j, 0]) ** 2
         rank, satisfied = rule(host[j, 1:], total_energy, group, it.state["rank"])
         if satisfied or sketch >= cap:
@@ -224,8 +228,14 @@ def install(
 
 
 def track(group: dict[str, Any], it: Item) -> None:
-    """One online subspace step (DESIGN §3.3), moments carried across."""
-    P_new, Q_new = it.ops.track(it.gradient(), *projectors(it.state))
+    """One online subspace step (DESIGN §3.3), moments carried across. On an all-zero G
+    (whose power step is an arbitrary basis) the subspace stays, without a host sync."""
+    G = it.gradient()
+    P, Q = projectors(it.state)
+    P_new, Q_new = it.ops.track(G, P, Q)
+    moved = it.ops.norm(G, rows=True) > 0
+    P_new = P_new if P_new is None or P is None else torch.where(moved, P_new, P)
+    Q_new = Q_new if Q_new is None or Q is None else torch.where(moved, Q_new, Q)
     change_subspace(it.state, group, P_new, Q_new, it.ops)
 
 

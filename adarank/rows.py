@@ -97,7 +97,8 @@ class RowOps(Protocol):
         ...
 
     def fro_norms(self, Gs: torch.Tensor) -> torch.Tensor:
-        """``‖G_i‖_F`` of a stack (b×m×n) as a (b,) tensor."""
+        """``‖G_i‖_F`` of a stack (b×m×n) as a (b,) float64 tensor (float64, so neither a
+        tiny nor a huge G under- or overflows its squares: the rank is scale-invariant)."""
         ...
 
     def truncated_svd_batched(
@@ -172,7 +173,7 @@ class LocalRows:
         return project(G, P, Q)
 
     def fro_norms(self, Gs: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.vector_norm(Gs, dim=(1, 2))
+        return torch.linalg.vector_norm(Gs, dim=(1, 2), dtype=torch.float64)
 
     def truncated_svd_batched(
         self,

@@ -246,3 +246,51 @@ def test_qgalore_reference_keys_are_reported_as_written(theirs, value):
         adarank.QGaLoreAdamW([dict(group, rank=2, **{theirs: value})])
     with pytest.raises(ValueError, match=f"invalid {theirs}={value}"):
         adarank.QGaLoreAdamW([dict(group, rank=2)], **{theirs: value})
+
+
+# ------------------------------------------------------------------ refresh
+
+
+def _spectrum_matrix(m: int, n: int, sigmas: list[float], seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, len(sigmas), generator=gen, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, len(sigmas), generator=gen, dtype=torch.float64)).Q
+    return (U * torch.tensor(sigmas, dtype=torch.float64)) @ V.T
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_refresh_on_an_all_zero_gradient_keeps_the_subspace(foreach):
+    G = _spectrum_matrix(12, 20, [3.0, 2.0, 0.05]).float()
+    W = torch.nn.Parameter(torch.zeros(12, 20))
+    opt = adarank.AdaRankAdamW(
+        [W], update_gap=3, track_every=0, check_every=0, max_rank=2, foreach=foreach
+    )
+    for _ in range(3):
+        W.grad = G.clone()
+        opt.step()
+    P = opt.state[W]["proj_left"].clone()
+    W.grad = torch.zeros_like(G)  # step 3: a scheduled refresh, on zeros
+    opt.step()
+    assert torch.equal(opt.state[W]["proj_left"], P)
+    W.grad = G.clone()
+    opt.step()
+    # σ₁² + σ₂² of 13.0025 in the subspace: captured ≈ 0.9999 (an arbitrary basis: ≈ 0.5).
+    assert float(opt.captured_energy()["0"]) > 0.999
+
+
+@pytest.mark.parametrize("backend", ["exact", "torch"])
+def test_rank_choice_does_not_depend_on_the_gradient_scale(backend):
+    # σ² fractions 0.64, 0.16, 0.09, 0.04, ... : η = 0.9 needs 3 (0.89 at 2 + 0.09).
+    sigmas = [0.8, 0.4, 0.3, 0.2, 0.1, 0.05, 0.03, 0.02]
+    G = _spectrum_matrix(16, 24, sigmas)
+    G = G / torch.linalg.matrix_norm(G)
+    energy = torch.cumsum(torch.tensor(sigmas, dtype=torch.float64) ** 2, 0)
+    expected = int(torch.nonzero(energy >= 0.9 * energy[-1])[0, 0]) + 1  # float64 reference
+    ranks = {}
+    for scale in (1e-24, 1.0, 1e15):
+        W = torch.nn.Parameter(torch.zeros(16, 24))
+        opt = adarank.AdaRankAdamW([W], eta=0.9, max_rank=12, backend=backend)
+        W.grad = (G * scale).float()
+        opt.step()
+        ranks[scale] = opt.ranks()["0"]
+    assert ranks == {1e-24: expected, 1.0: expected, 1e15: expected}

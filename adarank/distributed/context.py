@@ -121,7 +121,8 @@ class ShardContext:
         return float(sharded_fro_sq(G, self.group))
 
     def fro_norms(self, Gs: torch.Tensor) -> torch.Tensor:
-        return torch.stack([sharded_fro_sq(G, self.group).sqrt() for G in Gs])
+        squares = torch.stack([G.to(torch.float64).square().sum() for G in Gs])
+        return all_reduce_(squares, self.group, "fro_sq").sqrt()
 
     def norm(self, x: torch.Tensor, rows: bool = False) -> torch.Tensor:
         if not rows:
