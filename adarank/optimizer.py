@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, TypedDict
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
@@ -27,13 +27,25 @@ from typing_extensions import Unpack
 
 from . import refresh as refreshing
 from . import schedule
-from .functional import CONVENTIONS, adam_step_, lowrank_adam
-from .projector import PROJ_TYPES
+from .functional import adam_step_, lowrank_adam
+from .options import (
+    ADAM_KEYS,
+    GALORE_KEYS,
+    LOWRANK_DEFAULTS,
+    QGALORE_KEYS,
+    TORCH_KEYS,
+    GaLoreOptions,
+    LowRankOptions,
+    QGaLoreOptions,
+    as_lr,
+    check,
+    check_as,
+    is_int,
+    validate_group,
+)
 from .quant import is_int8_weight
-from .rank import RANK_RULES
 from .refresh import Item, gradient_of
 from .rows import LOCAL, RowOps, local_tensor
-from .rsvd import BACKENDS
 from .state import (
     MOMENT_KEYS,
     PROJ_KEYS,
@@ -42,209 +54,8 @@ from .state import (
     init_plain_state,
     projector_shape,
 )
-from .subspace import MOMENT_POLICIES
 
 __all__ = ["LOWRANK_DEFAULTS", "AdaRankAdamW", "GaLoreAdamW", "LowRankOptions", "QGaLoreAdamW"]
-
-# The low-rank options, their AdaRankAdamW defaults and their meaning.
-LOWRANK_DEFAULTS: dict[str, Any] = {
-    "lowrank": True,  # project matrix parameters of this group
-    "rank_rule": "energy",  # "energy" (adaptive) or "fixed" (always max_rank)
-    "eta": 0.9,  # η: energy fraction of Σσ² the rank must capture
-    "min_rank": 1,
-    "max_rank": 256,  # also clamped to min(m, n)
-    "rank_hysteresis": 0,  # ignore rank drops of at most this many
-    "update_gap": 200,  # T: steps between scheduled refreshes
-    "backend": "torch",  # "torch" | "fbpca" | "exact"
-    "oversample": 8,  # p: extra sketch columns
-    "power_iters": 2,  # q: subspace iterations of the range finder
-    "proj_type": "std",  # "std" | "reverse_std" | "left" | "right" | "full"
-    "track_every": 10,  # online subspace step every k steps (0: off)
-    "check_every": 10,  # test for a stale subspace every k steps (0: off)
-    "refresh_below": 0.5,  # refresh early when ‖R‖_F/‖G‖_F falls below this
-    "converge_tol": 0.0,  # refresh early when ‖R‖_F ≤ this (AdaRankGrad; 0: off)
-    "moments": "rotate",  # "keep" | "reset" | "rotate" on a subspace change
-    "scale": 0.25,  # α: back-projection scale
-    "residual": False,  # also apply the gradient outside the subspace (Fira-style)
-    "residual_limit": 1.01,  # γ: max growth of the residual's norm per step
-    "nonfinite": "skip",  # "skip" (count, leave state untouched) | "raise"
-    "seed": 0,  # base seed of the sketches' random streams
-    "proj_bits": 32,  # 32: float32 projectors; 8 or 4: group-wise quantised (Q-GaLore)
-    "proj_group_size": 256,  # elements per quantisation group of a projector
-    "stochastic_rounding": True,  # INT8 weights (Int8Linear): round updates stochastically
-    "lazy_refresh": False,  # Q-GaLore: lengthen a layer's gap while its subspace is stable
-    "lazy_threshold": 0.4,  # ... when the mean |cos| of consecutive leading vectors ≥ this
-    "lazy_window": 5,  # ... over this many consecutive refreshes
-    "lazy_factor": 2,  # γ: the gap is multiplied by this
-    "stagger": 0,  # spread scheduled refreshes over this many phases of the gap
-    "foreach": True,  # multi-tensor fast paths (False: one matrix at a time)
-    "convention": "torch",  # Adam convention: "torch" (torch.optim.AdamW) | "galore"
-    "align_signs": True,  # align basis signs with the previous subspace at a refresh
-}
-
-
-class LowRankOptions(TypedDict, total=False):
-    """The low-rank options as keyword arguments (meanings in ``LOWRANK_DEFAULTS``)."""
-
-    lowrank: bool
-    rank_rule: str
-    eta: float
-    min_rank: int
-    max_rank: int
-    rank_hysteresis: int
-    update_gap: int
-    backend: str
-    oversample: int
-    power_iters: int
-    proj_type: str
-    track_every: int
-    check_every: int
-    refresh_below: float
-    converge_tol: float
-    moments: str
-    scale: float
-    residual: bool
-    residual_limit: float
-    nonfinite: str
-    seed: int
-    proj_bits: int
-    proj_group_size: int
-    stochastic_rounding: bool
-    lazy_refresh: bool
-    lazy_threshold: float
-    lazy_window: int
-    lazy_factor: int
-    stagger: int
-    foreach: bool
-    convention: str
-    align_signs: bool
-
-
-_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
-# Keys torch or its schedulers may add to a group.
-_TORCH_KEYS = ("params", "param_names", "initial_lr")
-_NONFINITE_POLICIES = ("skip", "raise")
-
-
-def _check(ok: bool, name: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"invalid {name}={value!r}: expected {expected}")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _as_lr(lr: Any) -> Any:
-    """A one-element tensor ``lr`` as a float (as torch.optim accepts it); else as given."""
-    if isinstance(lr, torch.Tensor):
-        _check(lr.numel() == 1, "lr", lr, "a number >= 0 or a one-element tensor")
-        return float(lr)
-    return lr
-
-
-def validate_group(group: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first invalid hyper-parameter of ``group``."""
-    lr = group["lr"]
-    _check(isinstance(lr, (int, float)) and lr >= 0, "lr", lr, "a number >= 0")
-    betas = group["betas"]
-    _check(
-        isinstance(betas, (tuple, list))
-        and len(betas) == 2
-        and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas),
-        "betas",
-        betas,
-        "two numbers in [0, 1)",
-    )
-    _check(
-        isinstance(group["eps"], (int, float)) and group["eps"] >= 0,
-        "eps",
-        group["eps"],
-        "a number >= 0",
-    )
-    wd = group["weight_decay"]
-    _check(isinstance(wd, (int, float)) and wd >= 0, "weight_decay", wd, "a number >= 0")
-    _check(isinstance(group["lowrank"], bool), "lowrank", group["lowrank"], "True or False")
-    _check(
-        group["rank_rule"] in RANK_RULES,
-        "rank_rule",
-        group["rank_rule"],
-        f"one of {sorted(RANK_RULES)}",
-    )
-    eta = group["eta"]
-    _check(isinstance(eta, (int, float)) and 0.0 < eta <= 1.0, "eta", eta, "a number in (0, 1]")
-    for key in ("min_rank", "max_rank", "update_gap"):
-        _check(_is_int(group[key]) and group[key] >= 1, key, group[key], "an integer >= 1")
-    if group["min_rank"] > group["max_rank"]:
-        raise ValueError(
-            f"invalid min_rank={group['min_rank']} > max_rank={group['max_rank']}: "
-            "min_rank must not exceed max_rank"
-        )
-    for key in (
-        "rank_hysteresis",
-        "oversample",
-        "power_iters",
-        "track_every",
-        "check_every",
-        "seed",
-        "stagger",
-    ):
-        _check(_is_int(group[key]) and group[key] >= 0, key, group[key], "an integer >= 0")
-    _check(group["backend"] in BACKENDS, "backend", group["backend"], f"one of {sorted(BACKENDS)}")
-    _check(
-        group["proj_type"] in PROJ_TYPES, "proj_type", group["proj_type"], f"one of {PROJ_TYPES}"
-    )
-    _check(
-        group["moments"] in MOMENT_POLICIES,
-        "moments",
-        group["moments"],
-        f"one of {MOMENT_POLICIES}",
-    )
-    _check(
-        group["nonfinite"] in _NONFINITE_POLICIES,
-        "nonfinite",
-        group["nonfinite"],
-        f"one of {_NONFINITE_POLICIES}",
-    )
-    rb = group["refresh_below"]
-    _check(
-        isinstance(rb, (int, float)) and 0.0 <= rb <= 1.0, "refresh_below", rb, "a number in [0, 1]"
-    )
-    ct = group["converge_tol"]
-    _check(isinstance(ct, (int, float)) and ct >= 0, "converge_tol", ct, "a number >= 0")
-    sc = group["scale"]
-    _check(isinstance(sc, (int, float)) and sc > 0, "scale", sc, "a number > 0")
-    _check(isinstance(group["residual"], bool), "residual", group["residual"], "True or False")
-    _check(group["proj_bits"] in (4, 8, 32), "proj_bits", group["proj_bits"], "4, 8 or 32")
-    pg = group["proj_group_size"]
-    _check(_is_int(pg) and pg >= 1, "proj_group_size", pg, "an integer >= 1")
-    _check(
-        isinstance(group["stochastic_rounding"], bool),
-        "stochastic_rounding",
-        group["stochastic_rounding"],
-        "True or False",
-    )
-    _check(
-        group["convention"] in CONVENTIONS,
-        "convention",
-        group["convention"],
-        f"one of {CONVENTIONS}",
-    )
-    for key in ("lazy_refresh", "foreach", "align_signs"):
-        _check(isinstance(group[key], bool), key, group[key], "True or False")
-    lt = group["lazy_threshold"]
-    _check(
-        isinstance(lt, (int, float)) and -1.0 <= lt <= 1.0,
-        "lazy_threshold",
-        lt,
-        "a number in [-1, 1]",
-    )
-    for key in ("lazy_window", "lazy_factor"):
-        _check(_is_int(group[key]) and group[key] >= 1, key, group[key], "an integer >= 1")
-    gamma = group["residual_limit"]
-    _check(
-        isinstance(gamma, (int, float)) and gamma >= 1.0, "residual_limit", gamma, "a number >= 1"
-    )
 
 
 class AdaRankAdamW(Optimizer):
@@ -328,7 +139,7 @@ class AdaRankAdamW(Optimizer):
         defaults = dict(self._lowrank_defaults())
         self._reject_unknown(lowrank, "optimizer argument")
         defaults.update(lowrank)
-        defaults.update(lr=_as_lr(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults.update(lr=as_lr(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         validate_group(defaults)
         super().__init__(params, defaults)
 
@@ -337,12 +148,12 @@ class AdaRankAdamW(Optimizer):
         return LOWRANK_DEFAULTS
 
     def _reject_unknown(self, keys: Iterable[str], what: str) -> None:
-        allowed = set(LOWRANK_DEFAULTS) | set(_ADAM_KEYS) | set(_TORCH_KEYS)
+        allowed = set(LOWRANK_DEFAULTS) | set(ADAM_KEYS) | set(TORCH_KEYS)
         unknown = sorted(set(keys) - allowed)
         if unknown:
             raise ValueError(
                 f"unknown {what} {unknown[0]!r} for {type(self).__name__}; "
-                f"known: {sorted(allowed - set(_TORCH_KEYS))}"
+                f"known: {sorted(allowed - set(TORCH_KEYS))}"
             )
 
     def _translate_group(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -353,7 +164,7 @@ class AdaRankAdamW(Optimizer):
         self._reject_unknown(param_group, "param-group key")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group["lr"] = _as_lr(group["lr"])
+        group["lr"] = as_lr(group["lr"])
         group["betas"] = tuple(group["betas"])
         try:
             validate_group(group)
@@ -771,7 +582,7 @@ class AdaRankAdamW(Optimizer):
             group = dict(saved)
             version = group.pop("state_version", 0)
             owner = group.pop("optimizer", None)
-            if not _is_int(version) or version > STATE_VERSION:
+            if not is_int(version) or version > STATE_VERSION:
                 raise ValueError(
                     f"checkpoint state_version={version!r} is newer than this adarank's "
                     f"({STATE_VERSION}); load it with the adarank release that wrote it"
@@ -841,17 +652,6 @@ class AdaRankAdamW(Optimizer):
             )
 
 
-# GaLore's reference key names and ours.
-_GALORE_KEYS = {"rank": "max_rank", "update_proj_gap": "update_gap"}
-
-
-class GaLoreOptions(LowRankOptions, total=False):
-    """``LowRankOptions`` and the reference GaLore's names for two of them."""
-
-    rank: int  # max_rank
-    update_proj_gap: int  # update_gap
-
-
 class GaLoreAdamW(AdaRankAdamW):
     """The published GaLore AdamW (arXiv 2403.03507, Algorithm 2), reference semantics.
 
@@ -904,32 +704,12 @@ class GaLoreAdamW(AdaRankAdamW):
             and ("rank" in group or "max_rank" in group)
         ):
             group["lowrank"] = True
-        for theirs, ours in _GALORE_KEYS.items():
+        for theirs, ours in GALORE_KEYS.items():
             if theirs in group:
                 value = group.pop(theirs)
-                _check(_is_int(value) and value >= 1, theirs, value, "an integer >= 1")
+                check(is_int(value) and value >= 1, theirs, value, "an integer >= 1")
                 group[ours] = value
         return group
-
-
-# The Q-GaLore reference's key names and ours.
-_QGALORE_KEYS = {
-    "cos_threshold": "lazy_threshold",
-    "gamma_proj": "lazy_factor",
-    "queue_size": "lazy_window",
-    "quant_n_bit": "proj_bits",
-    "quant_group_size": "proj_group_size",
-}
-
-
-class QGaLoreOptions(GaLoreOptions, total=False):
-    """``GaLoreOptions`` and the Q-GaLore reference's names (see ``_QGALORE_KEYS``)."""
-
-    cos_threshold: float
-    gamma_proj: int
-    queue_size: int
-    quant_n_bit: int
-    quant_group_size: int
 
 
 class QGaLoreAdamW(GaLoreAdamW):
@@ -975,24 +755,12 @@ class QGaLoreAdamW(GaLoreAdamW):
         )
 
     def _translate_group(self, group: dict[str, Any]) -> dict[str, Any]:
-        for theirs, ours in _QGALORE_KEYS.items():
+        for theirs, ours in QGALORE_KEYS.items():
             if theirs in group:
                 value = group.pop(theirs)
-                _check_as(theirs, ours, value, self._lowrank_defaults())
+                check_as(theirs, ours, value, self._lowrank_defaults())
                 group[ours] = value
         return super()._translate_group(group)
-
-
-def _check_as(theirs: str, ours: str, value: Any, defaults: dict[str, Any]) -> None:
-    """Validate ``value`` as the option ``ours`` and report it under the name the user
-    wrote, ``theirs`` (a reference implementation's key)."""
-    probe = dict(defaults, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    probe[ours] = value
-    try:
-        validate_group(probe)
-    except ValueError as error:
-        message = str(error).replace(f"invalid {ours}=", f"invalid {theirs}=")
-        raise ValueError(f"{message} (adarank's {ours})") from None
 
 
 # Largest accepted ‖G‖_F: 2^60 ≈ 1.2e18, so squares stay below 2^120 and the second
