@@ -38,15 +38,23 @@ from typing import Any
 import torch
 
 from .projector import side_for
+from .quant import is_int8_weight
+from .rank import rank_cap
 
 __all__ = [
     "BudgetError",
     "Demand",
     "allocate",
+    "allowance",
+    "check_budget",
+    "committed_bytes",
     "format_bytes",
     "lowrank_bytes",
     "parse_budget",
+    "param_bytes",
     "plain_bytes",
+    "report",
+    "smallest_budget",
 ]
 
 # KiB/MiB/GiB/TiB are powers of 1024 (IEC); KB/MB/GB/TB powers of 1000 (SI); B is a byte.
@@ -227,3 +235,113 @@ def allocate(demands: Sequence[Demand], available: int) -> list[int]:
         ranks[i], used = k, used + cost
         push(i)
     return ranks
+
+
+# ------------------------------------------------------------- the optimizer
+
+
+def _matrix_shape(p: torch.Tensor) -> tuple[int, int]:
+    return p.shape[0], math.prod(p.shape[1:])
+
+
+def floor_rank(p: torch.Tensor, group: Mapping[str, Any]) -> int:
+    """The smallest rank a low-rank matrix may hold: ``min_rank`` clamped to its cap."""
+    return min(group["min_rank"], rank_cap(group["max_rank"], _matrix_shape(p)))
+
+
+def param_bytes(
+    p: torch.Tensor, group: Mapping[str, Any], state: Mapping[str, Any], rank: int | None = None
+) -> int:
+    """The byte model's count for one parameter after a step: a low-rank matrix at
+    ``rank`` (default: its current rank, or its floor before its first refresh), plain
+    AdamW state otherwise (float32 moments for an INT8 weight)."""
+    if group["lowrank"] and p.ndim >= 2:
+        if rank is None:
+            rank = int(state.get("rank", 0)) or floor_rank(p, group)
+        return lowrank_bytes(_matrix_shape(p), rank, group)
+    return plain_bytes(p, torch.float32 if is_int8_weight(p) else None)
+
+
+def committed_bytes(optimizer: Any, exclude: Sequence[torch.Tensor] = ()) -> int:
+    """Bytes of every parameter's state but ``exclude``'s, as ``param_bytes`` counts them:
+    a parameter that has no state yet is reserved for (plain state, or its floor rank),
+    so one that first gets a gradient later always fits."""
+    skip = {id(p) for p in exclude}
+    return sum(
+        param_bytes(p, group, optimizer.state.get(p, {}))
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if id(p) not in skip
+    )
+
+
+def smallest_budget(optimizer: Any) -> int:
+    """The smallest budget that holds plain state and every matrix at its floor rank."""
+    return sum(
+        param_bytes(p, group, {}, floor_rank(p, group) if p.ndim >= 2 else None)
+        for group in optimizer.param_groups
+        for p in group["params"]
+    )
+
+
+def check_budget(optimizer: Any) -> None:
+    """``ValueError`` when ``optimizer.state_budget`` cannot hold the floors."""
+    needed = smallest_budget(optimizer)
+    if needed > optimizer.state_budget:
+        raise ValueError(
+            f"invalid state_budget={optimizer.state_budget}: plain AdamW state and every "
+            f"matrix at min_rank need {format_bytes(needed)}; give at least that, lower "
+            "min_rank or leave more parameters out of the optimizer"
+        )
+
+
+def allowance(optimizer: Any, items: Sequence[Any], refresh: list[Any]) -> tuple[list[Any], int]:
+    """The refresh set and the bytes its matrices may share at this step.
+
+    ``items``: the group's low-rank ``refresh.Item``\\ s of this step; ``refresh``: those
+    the schedule refreshes. When the rest of the state and the floors of ``refresh`` do not
+    fit (a state saved under a larger budget, say), every item of the group joins the
+    refresh, so that its rank can be cut; if even that does not fit, ``ValueError``.
+    """
+    budget = optimizer.state_budget
+    chosen = {id(it) for it in refresh}
+    for attempt in range(2):
+        others = committed_bytes(optimizer, [it.param for it in refresh])
+        floors = sum(
+            param_bytes(it.param, it.group, {}, floor_rank(it.param, it.group)) for it in refresh
+        )
+        if others + floors <= budget:
+            return refresh, budget - others
+        if attempt == 0:
+            extra = [it for it in items if id(it) not in chosen]
+            for it in extra:
+                it.R = None  # a staleness test's R belongs to the subspace being replaced
+            refresh = refresh + extra
+    raise ValueError(
+        f"state_budget={budget} cannot hold the optimizer state: the other parameters hold "
+        f"{format_bytes(others)} and the refreshing matrices need {format_bytes(floors)} at "
+        "min_rank; load state saved under this budget, or raise it"
+    )
+
+
+def layer_kind(name: str) -> str:
+    """A parameter's module name without block indices: ``layers.3.mlp.up.weight`` → ``up``."""
+    parts = [q for q in name.split(".") if q and not q.isdigit() and q != "weight"]
+    return parts[-1] if parts else name
+
+
+def report(optimizer: Any) -> dict[str, Any]:
+    """``budget``, ``used`` (``state_bytes()["total"]``), ``reserved`` (the byte model's
+    count, parameters without state included; ``used ≤ reserved ≤ budget``), ``smallest``
+    (the least budget that would work) and ``ranks``: per layer kind, the ranks of its
+    matrices in parameter order (0 before a matrix's first refresh)."""
+    ranks: dict[str, list[int]] = {}
+    for name, rank in optimizer.ranks().items():
+        ranks.setdefault(layer_kind(str(name)), []).append(int(rank))
+    return {
+        "budget": optimizer.state_budget,
+        "used": optimizer.state_bytes()["total"],
+        "reserved": committed_bytes(optimizer),
+        "smallest": smallest_budget(optimizer),
+        "ranks": ranks,
+    }

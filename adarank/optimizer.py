@@ -25,8 +25,10 @@ from torch.optim import Optimizer
 from torch.optim.adamw import adamw
 from typing_extensions import Unpack
 
+from . import budget as budgeting
 from . import refresh as refreshing
 from . import schedule
+from .budget import parse_budget
 from .functional import adam_step_, lowrank_adam
 from .options import (
     ADAM_KEYS,
@@ -80,6 +82,14 @@ class AdaRankAdamW(Optimizer):
         betas (tuple[float, float], default (0.9, 0.999)): β₁, β₂ of the moving averages.
         eps (float, default 1e-8): added to the denominator √V.
         weight_decay (float, default 0): decoupled decay λ, ``W ← W(1 − lr·λ)``.
+        state_budget (int, str or None, default None): an optimizer-wide bound on the
+            bytes ``state_bytes()`` counts, as bytes or a string (``"1.5GiB"``: KiB/MiB/
+            GiB binary, KB/MB/GB decimal). At a refresh the refreshing matrices share what
+            the rest of the state leaves, ranked by captured energy per byte
+            (``budget.allocate``), the rank rule's rank (η) as a cap and ``min_rank`` as a
+            floor; the others keep their ranks unless the budget forces a cut. A budget
+            below plain state plus ``min_rank`` everywhere is a ``ValueError`` naming the
+            smallest that works. See ``budget_report()``.
 
     Keyword-only low-rank options (``LowRankOptions``; defaults in ``LOWRANK_DEFAULTS``):
         lowrank (bool, True): project this group's matrix parameters.
@@ -134,14 +144,21 @@ class AdaRankAdamW(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        state_budget: int | str | None = None,
         **lowrank: Unpack[LowRankOptions],
     ) -> None:
+        # Set before the groups are added: add_param_group checks the budget once built.
+        self.state_budget = None if state_budget is None else parse_budget(state_budget)
+        self._budget_built = False
         defaults = dict(self._lowrank_defaults())
         self._reject_unknown(lowrank, "optimizer argument")
         defaults.update(lowrank)
         defaults.update(lr=as_lr(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         validate_group(defaults)
         super().__init__(params, defaults)
+        self._budget_built = True
+        if self.state_budget is not None:
+            budgeting.check_budget(self)
 
     @classmethod
     def _lowrank_defaults(cls) -> dict[str, Any]:
@@ -168,6 +185,8 @@ class AdaRankAdamW(Optimizer):
         group["betas"] = tuple(group["betas"])
         try:
             validate_group(group)
+            if self._budget_built and self.state_budget is not None:
+                budgeting.check_budget(self)
         except ValueError:
             self.param_groups.pop()
             raise
@@ -290,8 +309,12 @@ class AdaRankAdamW(Optimizer):
                 if action != "step":
                     (refresh if action == "refresh" else tracks).append(it)
                     it.R = None
+        budget = None
+        if self.state_budget is not None:
+            refresh, budget = budgeting.allowance(self, items, refresh)
+            tracks = [it for it in tracks if not any(it is r for r in refresh)]
         if refresh:
-            refreshing.refresh(group, refresh, batched=group["foreach"])
+            refreshing.refresh(group, refresh, batched=group["foreach"], budget=budget)
         for it in tracks:
             refreshing.track(group, it)
         self._lowrank_adam(group, items)
@@ -475,6 +498,15 @@ class AdaRankAdamW(Optimizer):
             if skips:
                 out[name] = skips
         return out
+
+    def budget_report(self) -> dict[str, Any]:
+        """Under ``state_budget``: ``budget``, ``used`` (``state_bytes()["total"]``),
+        ``reserved`` (the byte model's count, parameters not yet stepped included;
+        ``used ≤ reserved ≤ budget`` after every step), ``smallest`` (the least budget
+        that works) and ``ranks`` per layer kind (``budget.report``)."""
+        if self.state_budget is None:
+            raise ValueError("budget_report() needs an optimizer built with state_budget=...")
+        return budgeting.report(self)
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of every tensor in ``self.state`` this process holds: ``total`` and by

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .budget import Demand, allocate, lowrank_bytes
 from .projector import projector_from_svd, side_for
 from .quant import is_int8_weight
 from .rank import RANK_RULES, clamp_rank, rank_cap
@@ -117,12 +118,17 @@ def sketch_seed(group: dict[str, Any], index: int, state: dict[str, Any], sketch
     return mix_seed(mix_seed(group["seed"], index, state["refreshes"]), sketch)
 
 
-def refresh(group: dict[str, Any], items: list[Item], *, batched: bool) -> None:
+def refresh(
+    group: dict[str, Any], items: list[Item], *, batched: bool, budget: int | None = None
+) -> None:
     """New subspaces for ``items`` (DESIGN §3.1–3.2): a truncated SVD of each G whose
     width grows until the rank rule is satisfied (a fixed-accuracy range finder), the
     rank by ``group["rank_rule"]``, then ``install``. ``batched``: stack unsharded
-    matrices of one shape (at most ``REFRESH_BATCH_BYTES`` of float32 gradients)."""
+    matrices of one shape (at most ``REFRESH_BATCH_BYTES`` of float32 gradients).
+    ``budget``: bytes the items' states may hold together; the rule's ranks become caps
+    and ``budget.allocate`` chooses the ranks once every spectrum is known (DESIGN §13)."""
     rule = RANK_RULES[group["rank_rule"]]
+    deferred: list[tuple[Any, ...]] | None = None if budget is None else []
     stack = batched and group["backend"] in BATCHED_BACKENDS
     pending = []
     for it in items:
@@ -142,13 +148,31 @@ def refresh(group: dict[str, Any], items: list[Item], *, batched: bool) -> None:
             per_batch = max(1, REFRESH_BATCH_BYTES // (4 * m * n))
             for start in range(0, len(members), per_batch):
                 batch = members[start : start + per_batch]
-                pending += _refresh_batch(group, rule, batch, sketch)
+                pending += _refresh_batch(group, rule, batch, sketch, deferred)
+    if deferred:
+        assert budget is not None
+        demands = [
+            Demand(energies, total, _bytes_at(it, group), group["min_rank"], rank)
+            for it, _, _, rank, _, energies, total in deferred
+        ]
+        ranks = allocate(demands, budget)
+        for (it, U, Vh, _, local_rows, _, _), rank in zip(deferred, ranks, strict=True):
+            install(it, group, U, Vh, rank, local_rows)
+
+
+def _bytes_at(it: Item, group: dict[str, Any]) -> Any:
+    return lambda rank: lowrank_bytes(it.shape, rank, group)
 
 
 def _refresh_batch(
-    group: dict[str, Any], rule: Any, batch: list[tuple[Item, int, int]], sketch: int
+    group: dict[str, Any],
+    rule: Any,
+    batch: list[tuple[Item, int, int]],
+    sketch: int,
+    deferred: list[tuple[Any, ...]] | None = None,
 ) -> list[tuple[Item, int, int]]:
-    """One batched SVD; installs the satisfied items, returns the others, wider."""
+    """One batched SVD; installs the satisfied items (or, under a budget, appends them to
+    ``deferred`` with their rule's rank and σ²), returns the others, wider."""
     ops = batch[0][0].ops
     Gs = torch.stack([it.gradient() for it, _, _ in batch])
     local_rows = Gs.shape[1]
@@ -173,7 +197,12 @@ def _refresh_batch(
         total_energy = float(host[j, 0]) ** 2
         rank, satisfied = rule(host[j, 1:], total_energy, group, it.state["rank"])
         if satisfied or sketch >= cap:
-            install(it, group, U[j], Vh[j], clamp_rank(rank, cap, S.shape[1]), local_rows)
+            rank = clamp_rank(rank, cap, S.shape[1])
+            if deferred is None:
+                install(it, group, U[j], Vh[j], rank, local_rows)
+            else:
+                energies = host[j, 1 : rank + 1].double().square().tolist()
+                deferred.append((it, U[j], Vh[j], rank, local_rows, energies, total_energy))
         else:
             again.append((it, cap, min(2 * sketch, cap)))
     return again

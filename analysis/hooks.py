@@ -364,6 +364,10 @@ class SpectrumLogger:
         facts: dict[str, Any] = {}
         if hasattr(optimizer, "state_bytes"):
             facts["state_bytes"] = dict(optimizer.state_bytes())
+        if getattr(optimizer, "state_budget", None) is not None:
+            # The allocation: the ranks are in the layers; the budget and its use here.
+            report = optimizer.budget_report()
+            facts["budget"] = {k: report[k] for k in ("budget", "used", "reserved")}
         return facts
 
     def _header(self, run_name: str | None, meta: Mapping[str, Any] | None) -> dict[str, Any]:
