@@ -26,6 +26,7 @@ moves it); checkpoints (``ckpt.pt``) are kept for resuming but not committed.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -120,7 +121,9 @@ def best_lrs(root: Path) -> dict[str, float]:
 
 
 def lr_stage() -> list[Run]:
-    return [Run("lr", arm, lr, 0, LR_STEPS) for arm in ARMS for lr in LR_GRID[arm]]
+    # Every arm's middle (published-default) learning rate first, then the lower, then the
+    # higher one: a sweep cut short still has every optimizer in it.
+    return [Run("lr", arm, sorted(LR_GRID[arm])[i], 0, LR_STEPS) for i in (1, 0, 2) for arm in ARMS]
 
 
 def seed_stage(root: Path) -> list[Run]:
@@ -203,12 +206,24 @@ def execute(runs: Sequence[Run], root: Path, jobs: int, threads: int) -> int:
                 run = todo.pop(0)
                 run_dir = run.directory(root)
                 run_dir.mkdir(parents=True, exist_ok=True)
+                lock = open(run_dir / ".lock", "w")
+                try:  # a second driver never runs the same directory at the same time
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    lock.close()
+                    tqdm.write(f"skipped, running in another process: {run_dir}")
+                    bar.update(1)
+                    continue
                 log = open(run_dir / "run.log", "ab")
                 log.write(
                     f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} load {os.getloadavg()}\n".encode()
                 )
                 log.flush()
-                proc = subprocess.Popen(run.command(root, threads), stdout=log, stderr=log)
+                # The child inherits the lock and holds it until it exits, even if we die.
+                proc = subprocess.Popen(
+                    run.command(root, threads), stdout=log, stderr=log, pass_fds=(lock.fileno(),)
+                )
+                lock.close()
                 active.append((run, proc, log))
             time.sleep(2)
             for item in list(active):

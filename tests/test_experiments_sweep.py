@@ -69,3 +69,21 @@ def test_plan_commands_resume_and_name_every_setting(tmp_path: Path) -> None:
     assert "--resume" in cmd and cmd[cmd.index("--lowrank") + 1] == '{"residual": true}'
     assert cmd[cmd.index("--out") + 1] == str(tmp_path / "lr/adarank_residual/lr0.01_seed0")
     assert sweep.main(["plan", "--stage", "lr", "--root", str(tmp_path)]) == 0
+
+
+def test_a_run_locked_by_another_process_is_skipped(tmp_path: Path) -> None:
+    import fcntl
+
+    run = sweep.Run("lr", "adamw", 1e-3, 0, sweep.LR_STEPS)
+    run.directory(tmp_path).mkdir(parents=True)
+    with open(run.directory(tmp_path) / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Nothing is started (it would fail: no corpus arguments), so no failure is counted.
+        assert sweep.execute([run], tmp_path, jobs=1, threads=1) == 0
+    assert not (run.directory(tmp_path) / "run.log").exists()
+
+
+def test_lr_stage_puts_every_arms_default_first() -> None:
+    first = sweep.lr_stage()[: len(sweep.ARMS)]
+    assert [r.arm for r in first] == list(sweep.ARMS)
+    assert all(r.lr == sorted(sweep.LR_GRID[r.arm])[1] for r in first)
