@@ -1,0 +1,20 @@
+"""The rank study's plan: equal token budgets, spectra at comparable points, resumable runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from experiments import rank_study
+
+
+def test_every_batch_size_sees_the_same_tokens_in_fewer_steps(tmp_path: Path) -> None:
+    runs = rank_study.runs()
+    assert sorted(r.multiplier for r in runs) == [1, 4, 16]
+    tokens = {r.steps * r.multiplier * rank_study.MICRO_BATCH * rank_study.SEQ_LEN for r in runs}
+    assert len(tokens) == 1 and tokens.pop() >= 3_000_000
+    for run in runs:
+        cmd = run.command(tmp_path, threads=1)
+        assert cmd[cmd.index("--grad-accum") + 1] == str(run.multiplier)
+        assert "--resume" in cmd and "--spectrum-ema" in cmd
+        every = int(cmd[cmd.index("--spectrum-every") + 1])
+        assert rank_study.POINTS <= run.steps // every <= 1.1 * rank_study.POINTS
