@@ -243,8 +243,9 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
 
 
-def report(root: Path) -> dict[str, Any]:
-    """Collect every finished run into ``summary.json``, ``lr_sweep.csv`` and ``seeds.csv``."""
+def collect(root: Path) -> dict[str, Any]:
+    """Every finished run under ``root``: the lr stage's perplexities, each arm's best lr, and
+    the seeded rows (mean ± std over seeds, state, tokens/s). Reads only."""
     lr_rows = []
     for run in lr_stage():
         s = read_summary(run.directory(root))
@@ -286,9 +287,15 @@ def report(root: Path) -> dict[str, Any]:
         row["state_ratio_to_adamw"] = (
             row["mean_state_mib"] * 2**20 / adamw_state if adamw_state else None
         )
+    return out
+
+
+def report(root: Path) -> dict[str, Any]:
+    """`collect`, written to ``summary.json``, ``lr_sweep.csv`` and ``seeds.csv`` in ``root``."""
+    out = collect(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
-    _write_csv(root / "lr_sweep.csv", lr_rows)
+    _write_csv(root / "lr_sweep.csv", out["lr_sweep"])
     _write_csv(root / "seeds.csv", out["seeds"])
     return out
 

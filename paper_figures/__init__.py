@@ -10,7 +10,7 @@ relative to the repository root)::
 
 For each comparison ``<name>``, ``<out>/<name>/`` receives one PNG per figure module:
 
-- `fig_rank_decay`: the gradient's energy rank and the optimizer's chosen rank by layer type,
+- `fig_rank_trajectories`: the gradient's energy rank and the optimizer's chosen rank by layer type,
 - `fig_spectra`: singular-value spectra over training of a q_proj and a down_proj,
 - `fig_perplexity`: validation perplexity against step and tokens, training loss beside it,
 - `fig_memory`: optimizer-state memory, peak memory and tokens/s, with ratios to AdamW;

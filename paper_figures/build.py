@@ -20,7 +20,15 @@ matplotlib.use("Agg")
 
 from analysis.plots import save_figure  # noqa: E402
 from experiments.compare import comparison_table  # noqa: E402
-from paper_figures import fig_memory, fig_perplexity, fig_rank_decay, fig_spectra  # noqa: E402
+from paper_figures import (  # noqa: E402
+    fig_lr_sweep,
+    fig_memory,
+    fig_perplexity,
+    fig_rank_study,
+    fig_rank_trajectories,
+    fig_spectra,
+    studies,
+)
 from paper_figures.common import (  # noqa: E402
     DEFAULT_OUT,
     DEFAULT_README,
@@ -31,7 +39,7 @@ from paper_figures.common import (  # noqa: E402
     shown,
 )
 
-FIGURES: tuple[ModuleType, ...] = (fig_rank_decay, fig_spectra, fig_perplexity, fig_memory)
+FIGURES: tuple[ModuleType, ...] = (fig_rank_trajectories, fig_spectra, fig_perplexity, fig_memory)
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 DPI = 150
 # matplotlib's own defaults plus these, whatever the user's matplotlibrc or style says.
@@ -80,7 +88,8 @@ def results_markdown(comparisons: Sequence[Comparison], out: Path, link_from: Pa
         parts += [
             f"{heading} {comparison.name}: model `{model}`, {steps} steps, {tokens:,} tokens"
             if isinstance(tokens, int) else f"{heading} {comparison.name}",
-            f"Runs: {sources}.",
+            f"Runs: {sources}. One seed and one learning rate per optimizer: a first look, too "
+            "short and too thin to rank optimizers (the sweep is the comparison).",
             comparison_table([run.summary for run in comparison.runs]),
             ratio_table(comparison),
         ]
@@ -118,8 +127,9 @@ def replace_section(readme: Path, body: str) -> bool:
 
 
 def build(comparisons: Sequence[Comparison], out: Path,
-          figures: Sequence[ModuleType] = FIGURES) -> list[Path]:
-    """Draw and save ``figures`` for every comparison into ``out/<comparison>/``."""
+          figures: Sequence[ModuleType] = FIGURES, study: Studies | None = None) -> list[Path]:
+    """Draw and save ``figures`` for every comparison into ``out/<comparison>/``, and the
+    studies' figures (those with a finished run) into ``out/studies/``."""
     written = []
     with matplotlib.rc_context():
         matplotlib.rcdefaults()
@@ -128,7 +138,42 @@ def build(comparisons: Sequence[Comparison], out: Path,
             for figure in figures:
                 path = image_path(out, comparison, figure)
                 written.append(save_figure(figure.figure(comparison), path, dpi=DPI))
+        if study is not None:
+            for module, data in study.drawable():
+                path = out / "studies" / f"{module.NAME}.png"
+                written.append(save_figure(module.figure(data), path, dpi=DPI))
     return written
+
+
+class Studies:
+    """The sweep and the rank study, read once; which figures they can draw; their text."""
+
+    def __init__(self, sweep_root: Path, rank_root: Path) -> None:
+        self.sweep = studies.load_sweep(sweep_root)
+        self.rank = studies.load_rank_study(rank_root)
+
+    def drawable(self) -> list[tuple[ModuleType, object]]:
+        out: list[tuple[ModuleType, object]] = []
+        if self.sweep.lr_rows:
+            out.append((fig_lr_sweep, self.sweep))
+        if self.rank:
+            out.append((fig_rank_study, self.rank))
+        return out
+
+    def markdown(self, out: Path, link_from: Path, level: int) -> str:
+        heading = "#" * level
+        parts = [studies.sweep_markdown(self.sweep, heading),
+                 studies.rank_study_markdown(self.rank, heading)]  # fmt: skip
+        for module, _ in self.drawable():
+            link = os.path.relpath(out / "studies" / f"{module.NAME}.png", link_from)
+            parts.append(f"![{module.TITLE}]({Path(link).as_posix()})\n")
+        return "\n".join(parts)
+
+
+def _with_studies(comparisons_text: str, studies_text: str) -> str:
+    """The studies first (they are the fair comparison), after the generated-by line."""
+    first, rest = comparisons_text.split("\n\n", 1)
+    return f"{first}\n\n{studies_text}\n{rest}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,10 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="leave the README alone")
     parser.add_argument("--figure", action="append", choices=[f.NAME for f in FIGURES],
                         help="draw only this figure (repeatable; default all)")
+    parser.add_argument("--sweep-root", type=Path, default=studies.SWEEP_ROOT,
+                        help=f"experiments.sweep results (default {shown(studies.SWEEP_ROOT)})")
+    parser.add_argument("--rank-study-root", type=Path, default=studies.RANK_ROOT,
+                        help=f"experiments.rank_study results (default {shown(studies.RANK_ROOT)})")
     args = parser.parse_args(argv)
     figures = [f for f in FIGURES if args.figure is None or f.NAME in args.figure]
     try:
         comparisons = load_comparisons(args.runs)
+        study = Studies(args.sweep_root, args.rank_study_root)
         if args.readme is not None:
             if not args.readme.is_file():
                 raise InputError(f"{shown(args.readme)}: no such file (or pass --no-readme)")
@@ -160,15 +210,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     runs_file = shown(args.runs)
-    for path in build(comparisons, args.out, figures):
+    # The studies' figures are drawn with the whole set only; their text is always written.
+    drawn = study if args.figure is None else None
+    for path in build(comparisons, args.out, figures, drawn):
         print(shown(path))
     results = args.out / "results.md"
-    results.write_text("# Results\n\n" + results_markdown(
-        comparisons, args.out, args.out, level=2, runs_file=runs_file))
+    text = results_markdown(comparisons, args.out, args.out, level=2, runs_file=runs_file)
+    if study is not None:
+        text = _with_studies(text, study.markdown(args.out, args.out, level=2))
+    results.write_text("# Results\n\n" + text)
     print(shown(results))
     if args.readme is not None:
-        body = results_markdown(comparisons, args.out, args.readme.resolve().parent, level=3,
-                                runs_file=runs_file)
+        link_from = args.readme.resolve().parent
+        body = results_markdown(comparisons, args.out, link_from, level=3, runs_file=runs_file)
+        if study is not None:
+            body = _with_studies(body, study.markdown(args.out, link_from, level=3))
         changed = replace_section(args.readme, body)
         print(f"{shown(args.readme)}: results section {'updated' if changed else 'unchanged'}")
     return 0

@@ -86,7 +86,10 @@ def test_readme_section_between_markers_is_replaced(tmp_path: Path) -> None:
     before, after = "# project\n\nIntro.\n\n## Results\n", "\n## Next section\n\nKept.\n"
     readme.write_text(f"{before}{START}\nhand-typed numbers\n{END}{after}")
     out = tmp_path / "figures"
-    assert main(["--runs", str(RUNS), "--out", str(out), "--readme", str(readme)]) == 0
+    # No study results here: this test is about the comparisons' section and its links.
+    none = str(tmp_path / "none")
+    no_studies = ["--sweep-root", none, "--rank-study-root", none]
+    assert main(["--runs", str(RUNS), "--out", str(out), "--readme", str(readme), *no_studies]) == 0
     text = readme.read_text()
     assert text.startswith(before + START) and text.endswith(END + after)
     section = text[text.index(START):text.index(END)]
@@ -100,7 +103,7 @@ def test_readme_section_between_markers_is_replaced(tmp_path: Path) -> None:
         assert (readme.parent / link).resolve().read_bytes()[:8] == PNG_SIGNATURE
     # A second build leaves the README as it is (one figure redrawn is enough to show it).
     assert main(["--runs", str(RUNS), "--out", str(out), "--readme", str(readme),
-                 "--figure", "memory"]) == 0
+                 "--figure", "memory", *no_studies]) == 0
     assert readme.read_text() == text
 
 

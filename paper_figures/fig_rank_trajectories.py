@@ -1,4 +1,4 @@
-"""Rank decay by layer type: the gradient's energy rank (solid) and the optimizer's rank (dashed).
+"""Rank over training by layer type: gradient energy rank (solid), optimizer rank (dashed).
 
 One panel per optimizer, on a shared rank axis: the mean over the layers of each type (q, k, v,
 o, gate, up, down) of the energy rank at AdaRankAdamW's η (the smallest k with
@@ -16,8 +16,8 @@ from matplotlib.lines import Line2D
 from analysis.plots import default_measure, measure_label, plot_rank_by_type
 from paper_figures.common import Comparison, has_quantity
 
-NAME = "rank_decay"
-TITLE = "Gradient energy rank and optimizer rank by layer type"
+NAME = "rank_trajectories"
+TITLE = "Gradient energy rank and optimizer rank over training, by layer type"
 
 
 def energy_measure(comparison: Comparison) -> str:

@@ -1,0 +1,196 @@
+"""The two studies beside the comparisons: the learning-rate sweep and the rank study.
+
+Both are read from their result folders (``results/sweep``, ``results/rank_study``) as far as
+they have finished: a study with no finished run is left out of the figures and the text says
+so; a finished run whose files are unreadable is an `InputError`. The tables say how many of the
+planned runs each number rests on, so a partial study is never mistaken for a whole one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analysis import LogError, SpectrumLog, load_log
+from experiments import rank_study, sweep
+from paper_figures.common import REPO, InputError, shown
+
+SWEEP_ROOT = REPO / "results" / "sweep"
+RANK_ROOT = REPO / "results" / "rank_study"
+ARM_LABELS = {
+    "adamw": "AdamW",
+    "galore": "GaLore",
+    "qgalore": "Q-GaLore",
+    "adarank": "AdaRankAdamW",
+    "adarank_residual": "AdaRankAdamW + residual",
+}
+ARM_COLORS = {
+    "adamw": "#4d4d4d",
+    "galore": "#d95f02",
+    "qgalore": "#7570b3",
+    "adarank": "#1b9e77",
+    "adarank_residual": "#e7298a",
+}
+ATTENTION, MLP = ("q", "k", "v", "o"), ("gate", "up", "down")
+
+
+@dataclass
+class SweepResult:
+    """What ``experiments.sweep.collect`` finds, plus the number of runs planned."""
+
+    report: dict[str, Any]
+    planned_lr_runs: int
+
+    @property
+    def lr_rows(self) -> list[dict[str, Any]]:
+        return list(self.report["lr_sweep"])
+
+
+def load_sweep(root: Path = SWEEP_ROOT) -> SweepResult:
+    try:
+        report = sweep.collect(root)
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise InputError(f"{shown(root)}: unreadable sweep results ({err})") from err
+    return SweepResult(report, len(sweep.lr_stage()))
+
+
+@dataclass
+class StudyRun:
+    """One finished rank-study run: its batch multiplier and both spectrum logs."""
+
+    multiplier: int
+    tokens_per_step: int
+    gradient: SpectrumLog
+    ema: SpectrumLog
+
+
+def load_rank_study(root: Path = RANK_ROOT) -> list[StudyRun]:
+    runs = []
+    for planned in rank_study.runs():
+        d = planned.directory(root)
+        if sweep.read_summary(d) is None:
+            continue
+        try:
+            logs = [load_log(d / name) for name in ("spectrum.jsonl", "spectrum_ema.jsonl")]
+        except LogError as err:
+            raise InputError(str(err)) from err
+        tokens = planned.multiplier * rank_study.MICRO_BATCH * rank_study.SEQ_LEN
+        runs.append(StudyRun(planned.multiplier, tokens, *logs))
+    return sorted(runs, key=lambda r: r.multiplier)
+
+
+def mean_over(log: SpectrumLog, quantity: str, kinds: tuple[str, ...]) -> np.ndarray:
+    """(R,) mean of a per-step ``quantity`` over the layers whose type is in ``kinds``."""
+    names = [n for n in log.layer_names if log.layer_type(n) in kinds]
+    if not names:
+        return np.full(len(log.steps), np.nan)
+    return np.nanmean(log.stack(quantity, names), axis=0)
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def sweep_markdown(result: SweepResult, heading: str) -> str:
+    """The lr-stage table (perplexity per optimizer and lr) and the seeded table, as Markdown."""
+    rows = result.lr_rows
+    parts = [
+        f"{heading} Learning-rate sweep: `cpu` model, {sweep.LR_STEPS} steps, seed 0 "
+        f"({len(rows)} of {result.planned_lr_runs} runs finished)",
+        "Final validation perplexity; **bold**: the optimizer's best, rerun with seeds. "
+        "Command: `python -m experiments.sweep run --stage lr`.",
+    ]
+    lrs = sorted({lr for grid in sweep.LR_GRID.values() for lr in grid})
+    table = ["| optimizer | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+             "|---|" + "---:|" * len(lrs)]  # fmt: skip
+    best = result.report["best_lr"]
+    for arm, label in ARM_LABELS.items():
+        cells = []
+        for lr in lrs:
+            found = [r["val_ppl"] for r in rows if r["arm"] == arm and r["lr"] == lr]
+            if lr not in sweep.LR_GRID[arm]:
+                cells.append("")
+            elif not found:
+                cells.append("not run yet")
+            else:
+                text = _fmt(found[0], 2)
+                cells.append(f"**{text}**" if best.get(arm) == lr else text)
+        table.append(f"| {label} | " + " | ".join(cells) + " |")
+    parts.append("\n".join(table))
+    if result.report["best_at_grid_edge"]:
+        edge = ", ".join(ARM_LABELS[a] for a in result.report["best_at_grid_edge"])
+        parts.append(f"Best at the edge of its grid (the grid should grow there): {edge}.")
+    seeded = result.report["seeds"]
+    if not seeded:
+        parts.append(
+            f"Seeded runs ({len(sweep.SEEDS)} seeds × {sweep.SEED_STEPS} steps at each "
+            "optimizer's best lr, then the equal-memory GaLore row): not run yet; they start "
+            "when the lr stage has finished (`python -m experiments.sweep run --stage seeds`)."
+        )
+        return "\n\n".join(parts) + "\n"
+    table = [
+        "| optimizer | stage | lr | seeds | val ppl (mean ± std) | state MiB | state / AdamW "
+        "| tokens/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in seeded:
+        label = ARM_LABELS[row["arm"]] + (f" (rank {row['rank']})" if row["rank"] else "")
+        ratio = row["state_ratio_to_adamw"]
+        table.append(
+            f"| {label} | {row['stage']} | {row['lr']:g} | {row['n_seeds']} "
+            f"| {_fmt(row['val_ppl_mean'], 2)} ± {_fmt(row['val_ppl_std'], 2)} "
+            f"| {_fmt(row['mean_state_mib'], 2)} | {_fmt(ratio, 2)}× "
+            f"| {_fmt(row['tokens_per_s_mean'], 0)} |"
+        )
+    parts.append("\n".join(table))
+    complete = [r for r in seeded if r["n_seeds"] == len(sweep.SEEDS)]
+    reference = next((r for r in complete if r["arm"] == "adamw"), None)
+    if reference is not None:
+        verdicts = []
+        for row in complete:
+            if row is reference:
+                continue
+            delta = row["val_ppl_mean"] - reference["val_ppl_mean"]
+            word = "tie" if sweep.is_tie(row, reference) else ("worse" if delta > 0 else "better")
+            verdicts.append(f"{ARM_LABELS[row['arm']]} ({row['stage']}): {delta:+.2f} ppl, {word}")
+        parts.append("Against AdamW (a tie: means closer than 2 × the larger std): "
+                     + "; ".join(verdicts) + ".")  # fmt: skip
+    return "\n\n".join(parts) + "\n"
+
+
+def rank_study_markdown(runs: list[StudyRun], heading: str) -> str:
+    """Per batch size: the energy rank (η = 0.9) of G and Ĝ, at its low point and at the end."""
+    planned = len(rank_study.runs())
+    parts = [
+        f"{heading} Rank study: AdamW on the `cpu` model, {rank_study.TOKENS:,} tokens per run "
+        f"({len(runs)} of {planned} runs finished)",
+        "Mean energy rank at η = 0.9 over the attention (q, k, v, o) and MLP (gate, up, down) "
+        "matrices: its lowest value (at which step) and its value at the end, for the mini-batch "
+        f"gradient G and its moving average Ĝ (β = {rank_study.EMA_BETA}). "
+        "Command: `python -m experiments.rank_study run`.",
+    ]
+    if not runs:
+        parts.append("No run has finished yet.")
+        return "\n\n".join(parts) + "\n"
+    table = [
+        "| batch | tokens/step | steps | attention G: low (step) → end | attention Ĝ: low → end "
+        "| MLP G: low (step) → end | MLP Ĝ: low → end |",
+        "|---|---:|---:|---|---|---|---|",
+    ]
+    for run in runs:
+        cells = []
+        for kinds in (ATTENTION, MLP):
+            for log, with_step in ((run.gradient, True), (run.ema, False)):
+                series = mean_over(log, "energy_rank_0.9", kinds)
+                low = int(np.nanargmin(series))
+                where = f" ({int(log.steps[low])})" if with_step else ""
+                cells.append(f"{_fmt(series[low])}{where} → {_fmt(series[-1])}")
+        steps = int(run.gradient.steps[-1]) + 1
+        table.append(f"| ×{run.multiplier} | {run.tokens_per_step} | {steps} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    parts.append("\n".join(table))
+    return "\n\n".join(parts) + "\n"
