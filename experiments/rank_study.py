@@ -1,8 +1,8 @@
 """When does a gradient's rank decay? The spectra of the ``cpu`` decoder's gradients over a run.
 
-Three runs at one token budget (`TOKENS`, about two passes of the training split) whose batch
-differs ×1, ×4, ×16 through gradient accumulation, so the larger batches take 4× and 16× fewer
-steps. Each logs, at about `POINTS` evenly spread steps, two spectra of every attention and MLP
+Three runs at one token budget (`BUDGETS`: ``long``, about two passes of the training split, or
+``short``, a third of it) whose batch differs ×1, ×4, ×16 through gradient accumulation, so
+the larger batches take 4× and 16× fewer steps. Each logs, at about `POINTS` evenly spread steps, two spectra of every attention and MLP
 matrix (`experiments.pretrain --spectrum-ema`):
 
 - ``spectrum.jsonl``: the mini-batch gradient G, what AdaRankAdamW's rank rule sees;
@@ -16,9 +16,10 @@ shaped by any projection. Commands::
 
     python -m experiments.rank_study plan
     python -m experiments.rank_study run --jobs 2     # resumable, like experiments.sweep
+    python -m experiments.rank_study run --budget short
     python -m experiments.rank_study report          # results/rank_study/summary.json
 
-The runs write under ``results/rank_study/batch_x<K>/``.
+The runs write under ``results/rank_study/<budget>/batch_x<K>/``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ from experiments import sweep
 # Run order: the two ends first, so a study cut short still spans the range.
 BATCH_MULTIPLIERS = (1, 16, 4)
 MICRO_BATCH, SEQ_LEN = 8, 128  # the cpu model's defaults
-TOKENS = 3072 * MICRO_BATCH * SEQ_LEN  # divisible by 16 micro-batches: 3072, 768, 192 steps
+# Token budgets, in micro-batches (divisible by 16, so every batch size sees the same tokens):
+# "long" is two passes of the training split (3072, 768, 192 steps); "short" a third of it.
+BUDGETS = {"long": 3072, "short": 1024}
 POINTS = 60
 EMA_BETA = 0.9
 LR = 1e-3
@@ -48,15 +51,20 @@ ENERGY = "0.9"
 @dataclass(frozen=True)
 class StudyRun:
     multiplier: int
+    budget: str = "long"
     lr: float = LR
     seed: int = 0
 
     @property
+    def tokens(self) -> int:
+        return BUDGETS[self.budget] * MICRO_BATCH * SEQ_LEN
+
+    @property
     def steps(self) -> int:
-        return TOKENS // (MICRO_BATCH * SEQ_LEN * self.multiplier)
+        return BUDGETS[self.budget] // self.multiplier
 
     def directory(self, root: Path) -> Path:
-        return root / f"batch_x{self.multiplier}"
+        return root / self.budget / f"batch_x{self.multiplier}"
 
     def command(self, root: Path, threads: int) -> list[str]:
         every = max(1, self.steps // POINTS)
@@ -74,8 +82,10 @@ class StudyRun:
         ]  # fmt: skip
 
 
-def runs() -> list[StudyRun]:
-    return [StudyRun(k) for k in BATCH_MULTIPLIERS]
+def runs(budget: str = "long") -> list[StudyRun]:
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {sorted(BUDGETS)}, got {budget!r}")
+    return [StudyRun(k, budget) for k in BATCH_MULTIPLIERS]
 
 
 def energy_rank_by_type(
@@ -94,10 +104,10 @@ def energy_rank_by_type(
     }
 
 
-def report(root: Path) -> dict[str, Any]:
+def report(root: Path, budget: str = "long") -> dict[str, Any]:
     """Energy rank (η = 0.9) of G and Ĝ per layer type: after the early collapse and at the end."""
     out: dict[str, Any] = {"energy_level": float(ENERGY), "ema_beta": EMA_BETA, "runs": []}
-    for run in runs():
+    for run in runs(budget):
         d = run.directory(root)
         if sweep.read_summary(d) is None:
             continue
@@ -115,8 +125,8 @@ def report(root: Path) -> dict[str, Any]:
                 for kind, series in ranks.items()
             }
         out["runs"].append(row)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+    (root / budget).mkdir(parents=True, exist_ok=True)
+    (root / budget / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
@@ -126,18 +136,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("results/rank_study"))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--budget",
+        choices=sorted(BUDGETS),
+        default="long",
+        help="tokens per run: long (3.1M, two passes) or short (1.0M)",
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
         parser.error("--jobs and --threads must be >= 1")
     if args.action == "report":
-        print(json.dumps(report(args.root), indent=2))
+        print(json.dumps(report(args.root, args.budget), indent=2))
         return 0
     if args.action == "plan":
-        for run in runs():
+        for run in runs(args.budget):
             done = "done" if sweep.read_summary(run.directory(args.root)) else "todo"
             print(done, " ".join(run.command(args.root, args.threads)))
         return 0
-    return 1 if sweep.execute(runs(), args.root, args.jobs, args.threads) else 0
+    return 1 if sweep.execute(runs(args.budget), args.root, args.jobs, args.threads) else 0
 
 
 if __name__ == "__main__":

@@ -139,8 +139,8 @@ def build(comparisons: Sequence[Comparison], out: Path,
                 path = image_path(out, comparison, figure)
                 written.append(save_figure(figure.figure(comparison), path, dpi=DPI))
         if study is not None:
-            for module, data in study.drawable():
-                path = out / "studies" / f"{module.NAME}.png"
+            for name, module, data in study.drawable():
+                path = out / "studies" / f"{name}.png"
                 written.append(save_figure(module.figure(data), path, dpi=DPI))
     return written
 
@@ -150,23 +150,26 @@ class Studies:
 
     def __init__(self, sweep_root: Path, rank_root: Path) -> None:
         self.sweep = studies.load_sweep(sweep_root)
-        self.rank = studies.load_rank_study(rank_root)
+        self.rank = {b: studies.load_rank_study(rank_root, b) for b in studies.RANK_BUDGETS}
 
-    def drawable(self) -> list[tuple[ModuleType, object]]:
-        out: list[tuple[ModuleType, object]] = []
+    def drawable(self) -> list[tuple[str, ModuleType, object]]:
+        """(file name, figure module, its input) for every study with a finished run."""
+        out: list[tuple[str, ModuleType, object]] = []
         if self.sweep.lr_rows:
-            out.append((fig_lr_sweep, self.sweep))
-        if self.rank:
-            out.append((fig_rank_study, self.rank))
+            out.append((fig_lr_sweep.NAME, fig_lr_sweep, self.sweep))
+        for budget, runs in self.rank.items():
+            if runs:
+                out.append((f"{fig_rank_study.NAME}_{budget}", fig_rank_study, runs))
         return out
 
     def markdown(self, out: Path, link_from: Path, level: int) -> str:
         heading = "#" * level
-        parts = [studies.sweep_markdown(self.sweep, heading),
-                 studies.rank_study_markdown(self.rank, heading)]  # fmt: skip
-        for module, _ in self.drawable():
-            link = os.path.relpath(out / "studies" / f"{module.NAME}.png", link_from)
-            parts.append(f"![{module.TITLE}]({Path(link).as_posix()})\n")
+        parts = [studies.sweep_markdown(self.sweep, heading)]
+        parts += [studies.rank_study_markdown(runs, heading, budget)
+                  for budget, runs in self.rank.items()]  # fmt: skip
+        for name, module, _ in self.drawable():
+            link = os.path.relpath(out / "studies" / f"{name}.png", link_from)
+            parts.append(f"![{module.TITLE} ({name})]({Path(link).as_posix()})\n")
         return "\n".join(parts)
 
 

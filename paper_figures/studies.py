@@ -36,6 +36,7 @@ ARM_COLORS = {
     "adarank_residual": "#e7298a",
 }
 ATTENTION, MLP = ("q", "k", "v", "o"), ("gate", "up", "down")
+RANK_BUDGETS = ("short", "long")
 
 
 @dataclass
@@ -68,9 +69,10 @@ class StudyRun:
     ema: SpectrumLog
 
 
-def load_rank_study(root: Path = RANK_ROOT) -> list[StudyRun]:
+def load_rank_study(root: Path = RANK_ROOT, budget: str = "long") -> list[StudyRun]:
+    """The finished runs of one budget, by batch multiplier."""
     runs = []
-    for planned in rank_study.runs():
+    for planned in rank_study.runs(budget):
         d = planned.directory(root)
         if sweep.read_summary(d) is None:
             continue
@@ -162,16 +164,16 @@ def sweep_markdown(result: SweepResult, heading: str) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def rank_study_markdown(runs: list[StudyRun], heading: str) -> str:
+def rank_study_markdown(runs: list[StudyRun], heading: str, budget: str = "long") -> str:
     """Per batch size: the energy rank (η = 0.9) of G and Ĝ, at its low point and at the end."""
-    planned = len(rank_study.runs())
+    planned = rank_study.runs(budget)
     parts = [
-        f"{heading} Rank study: AdamW on the `cpu` model, {rank_study.TOKENS:,} tokens per run "
-        f"({len(runs)} of {planned} runs finished)",
+        f"{heading} Rank study ({budget} budget): AdamW on the `cpu` model, "
+        f"{planned[0].tokens:,} tokens per run ({len(runs)} of {len(planned)} runs finished)",
         "Mean energy rank at η = 0.9 over the attention (q, k, v, o) and MLP (gate, up, down) "
         "matrices: its lowest value (at which step) and its value at the end, for the mini-batch "
         f"gradient G and its moving average Ĝ (β = {rank_study.EMA_BETA}). "
-        "Command: `python -m experiments.rank_study run`.",
+        f"Command: `python -m experiments.rank_study run --budget {budget}`.",
     ]
     if not runs:
         parts.append("No run has finished yet.")
