@@ -2,8 +2,8 @@
 
 Three runs at one token budget (`BUDGETS`: ``long``, about two passes of the training split, or
 ``short``, a third of it) whose batch differs ×1, ×4, ×16 through gradient accumulation, so
-the larger batches take 4× and 16× fewer steps. Each logs, at about `POINTS` evenly spread steps, two spectra of every attention and MLP
-matrix (`experiments.pretrain --spectrum-ema`):
+the larger batches take 4× and 16× fewer steps. Each logs, at about `POINTS` evenly spread
+steps, two spectra of every attention and MLP matrix (`experiments.pretrain --spectrum-ema`):
 
 - ``spectrum.jsonl``: the mini-batch gradient G, what AdaRankAdamW's rank rule sees;
 - ``spectrum_ema.jsonl``: Ĝ, the bias-corrected moving average of G with β = `EMA_BETA` (Adam's
