@@ -1,8 +1,8 @@
 """Layer-wise updates: each parameter stepped inside backward, its gradient freed at once.
 
 ``layerwise(model, optimizer_factory)`` builds one optimizer per trainable
-parameter and registers a post-accumulate-grad hook on it (for an
-``Int8Linear`` weight, its ``register_weight_grad_hook``). When backward has
+parameter (``Int8Linear`` weights included) and registers a post-accumulate-grad
+hook on it. When backward has
 finished accumulating a parameter's gradient the hook steps that parameter's
 optimizer and sets ``p.grad = None`` (``p.weight_grad = None``), so at most
 the gradients of the parameters autograd is working on exist at any moment,
@@ -58,8 +58,6 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils._pytree import tree_flatten
 from torch.utils.hooks import RemovableHandle
-
-from .quant import is_int8_weight
 
 __all__ = ["ConsumedGrad", "LayerwiseOptimizer", "layerwise"]
 
@@ -139,10 +137,8 @@ class LayerwiseOptimizer:
     ) -> None:
         _refuse_data_parallel(model)
         names_by_id = {id(p): n for n, p in model.named_parameters()}
-        int8_ids = {id(p) for p in model.parameters() if is_int8_weight(p)}
         if groups is None:
-            trainable = [(n, p) for n, p in model.named_parameters()
-                         if p.requires_grad or id(p) in int8_ids]
+            trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             groups = [{"params": [p for _, p in trainable],
                        "param_names": [n for n, _ in trainable]}]
         self.optimizers: dict[str, Optimizer] = {}
@@ -170,7 +166,7 @@ class LayerwiseOptimizer:
                     )
                 if name in self._params or any(q is p for q in self._params.values()):
                     raise ValueError(f"layerwise: parameter {name} is listed twice")
-                if not (p.requires_grad or id(p) in int8_ids):
+                if not p.requires_grad:
                     raise ValueError(
                         f"layerwise: parameter {name} does not require grad, so its hook "
                         "would never fire; leave it out of the groups"
@@ -178,11 +174,8 @@ class LayerwiseOptimizer:
                 opt = optimizer_factory([{**options, "params": [p], "param_names": [name]}])
                 self.optimizers[name] = opt
                 self._params[name] = p
-                hook = self._make_hook(name, opt)
-                if id(p) in int8_ids:
-                    self._handles.append(p.int8_module.register_weight_grad_hook(hook))
-                else:
-                    self._handles.append(p.register_post_accumulate_grad_hook(hook))
+                self._handles.append(p.register_post_accumulate_grad_hook(
+                    self._make_hook(name, opt)))
         if not self.optimizers:
             raise ValueError("layerwise: no trainable parameters to step")
 
@@ -201,10 +194,7 @@ class LayerwiseOptimizer:
                 param_hook(name, p, opt)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if is_int8_weight(p):
-                p.weight_grad = None
-            else:
-                p.grad = ConsumedGrad(p, name)
+            p.grad = ConsumedGrad(p, name)
 
         return hook
 
@@ -230,8 +220,6 @@ class LayerwiseOptimizer:
     def _clear_grads(self) -> None:
         for p in self._params.values():
             p.grad = None
-            if is_int8_weight(p):
-                p.weight_grad = None
 
     def register_param_step_hook(self, hook: ParamStepHook) -> RemovableHandle:
         """Call ``hook(name, param, optimizer)`` inside backward, when ``param.grad`` holds

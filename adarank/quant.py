@@ -10,11 +10,12 @@ Three pieces, all plain torch on any device:
   ``scale = (max − min)/(2ᵇ − 1)``, ``zero = min``, ``x̂ = zero + scale·q``. The
   result is a ``QTensor``: a plain ``dict`` of tensors and ints, so it can sit in
   optimizer state and load with ``torch.load(weights_only=True)``.
-- **INT8 linear layers**: ``Int8Linear`` keeps its weight as int8 codes plus
-  per-group scales and zeros, runs the forward pass on the dequantised weight,
-  hands the float32 weight gradient to the optimizer (``weight.weight_grad``) and
-  applies updates with stochastic rounding (``apply_update_``);
-  ``quantize_linears`` swaps a model's ``nn.Linear`` layers for it.
+- **INT8 weights**: ``Int8Weight`` is a parameter that owns int8 codes plus
+  per-group scales and zeros and that the rest of PyTorch sees as a float
+  weight with an ordinary ``.grad``; ``Int8Linear`` runs its forward pass on
+  the dequantised weight; optimizers write updates back with stochastic
+  rounding through ``requantize_``; ``quantize_linears`` swaps a model's
+  ``nn.Linear`` layers for ``Int8Linear``.
 
 Zero point. The reference code rounds the zero point to an integer in
 ``[0, 2ᵇ−1]``; for a group that does not contain 0 (all positive, say) that
@@ -31,18 +32,17 @@ below one quantisation step, still move an INT8 weight on average.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.hooks import RemovableHandle
+from torch.utils._pytree import tree_map
 
 __all__ = [
     "Int8Linear",
-    "clip_grad_norm_",
+    "Int8Weight",
     "QTensor",
     "dequantize",
     "flatten_qtensor",
@@ -51,6 +51,7 @@ __all__ = [
     "qtensor_nbytes",
     "quantize",
     "quantize_linears",
+    "requantize_",
     "stochastic_round",
     "unflatten_qtensor",
     "unpack_int4",
@@ -338,76 +339,262 @@ def _from_int8(codes: torch.Tensor) -> torch.Tensor:
 
 
 def is_int8_weight(p: torch.Tensor) -> bool:
-    """True when ``p`` is the int8 weight of an ``Int8Linear`` (read ``p.weight_grad``
-    for its gradient and ``p.int8_module`` for the layer)."""
-    return getattr(p, "int8_module", None) is not None
+    """True when ``p`` is an INT8 weight (an ``Int8Weight``, e.g. ``Int8Linear.weight``)."""
+    return isinstance(p, Int8Weight)
+
+
+_aten = torch.ops.aten
+# Factories that read only the weight's shape, dtype and device, never its values.
+_LIKE = {_aten.empty_like.default, _aten.zeros_like.default, _aten.ones_like.default,
+         _aten.full_like.default, _aten.rand_like.default, _aten.randn_like.default}
+
+
+class Int8Weight(torch.Tensor):
+    """An INT8 weight that the rest of PyTorch sees as a float parameter.
+
+    A tensor subclass without storage of its own (``_make_wrapper_subclass``):
+    its shape, device and floating ``dtype`` (float32 unless converted, e.g. by
+    ``model.bfloat16()``) are those of the weight it stands for, and it owns
+
+    - ``codes``: ``torch.int8``, the weight's shape; code ``c`` stands for the
+      unsigned ``c + 128`` of ``quantize`` (row-major groups of ``group_size``);
+    - ``scale``, ``zero``: float32, one per group (float32 whatever ``dtype`` is);
+
+    that is ``1 + 8/group_size`` bytes per weight (1.03 at 256).
+
+    What the rest of PyTorch sees. As an ``nn.Parameter`` (``Int8Linear`` makes
+    it one) it requires grad and autograd gives it a dense ``.grad`` of its
+    ``dtype``, so ``model.zero_grad()``, ``torch.amp.GradScaler.unscale_``,
+    ``torch.nn.utils.clip_grad_norm_``, post-accumulate-grad hooks and
+    ``requires_grad`` filters (the HF Trainer's) treat it like any weight. Any
+    operation that reads it (``F.linear``, ``@``, ``.norm()``, ``.t()``...) runs on
+    the dequantised float weight and returns plain tensors (views are copies);
+    ``zeros_like``-style factories return plain tensors without dequantising;
+    ``.to(device/dtype)``, ``.clone()``, ``.detach()`` return ``Int8Weight``\\ s.
+    Writing: ``copy_(W)`` re-quantises ``W`` with round-to-nearest; every other
+    in-place operation raises ``RuntimeError`` — an update applied by a
+    float optimizer (``torch.optim.AdamW``) would be lost to rounding, so updates
+    go through ``requantize_`` (stochastic rounding), which adarank's optimizers
+    call.
+
+    Args:
+        codes: int8 codes, contiguous, the weight's shape.
+        scale, zero: float32 per-group scales and zeros (``ceil(numel/group_size)``).
+        group_size: elements per group. dtype: the floating dtype it stands for.
+        requires_grad: as for any tensor (``nn.Parameter`` sets it).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_size: int
+
+    # Plain tensors out of every torch function (the default would re-wrap them
+    # as Int8Weight without codes); the work happens in __torch_dispatch__.
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(
+        cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, *,
+        dtype: torch.dtype = torch.float32, requires_grad: bool = False,
+    ) -> Int8Weight:
+        return torch.Tensor._make_wrapper_subclass(
+            cls, codes.shape, strides=codes.stride(), dtype=dtype, device=codes.device,
+            requires_grad=requires_grad,
+        )
+
+    def __init__(
+        self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, *,
+        dtype: torch.dtype = torch.float32, requires_grad: bool = False,
+    ) -> None:
+        groups = -(-codes.numel() // group_size)
+        if codes.dtype != torch.int8 or not codes.is_contiguous():
+            raise ValueError(f"Int8Weight: codes must be contiguous torch.int8, got {codes.dtype}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"Int8Weight: dtype must be floating, got {dtype}")
+        if scale.shape != (groups,) or zero.shape != (groups,) or (
+            scale.dtype != torch.float32 or zero.dtype != torch.float32
+        ):
+            raise ValueError(
+                f"Int8Weight: {tuple(codes.shape)} codes in groups of {group_size} need float32 "
+                f"scale and zero of shape ({groups},), got {tuple(scale.shape)} {scale.dtype} "
+                f"and {tuple(zero.shape)} {zero.dtype}"
+            )
+        self.codes, self.scale, self.zero, self.group_size = codes, scale, zero, group_size
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight ``zero + scale·(code + 128)`` per group, a new tensor."""
+        return _dequantize_codes(_from_int8(self.codes), self.scale, self.zero, self.group_size,
+                                 self.shape)
+
+    def stored_bytes(self) -> int:
+        """Bytes this weight holds: codes, scales and zeros (the wrapper holds none)."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        return (f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, "
+                f"device={self.device}, group_size={self.group_size}, "
+                f"requires_grad={self.requires_grad})")
+
+    def _with(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+              dtype: torch.dtype | None = None) -> Int8Weight:
+        return Int8Weight(codes, scale, zero, self.group_size, dtype=dtype or self.dtype)
+
+    # Compatibility with optimizers written for the former side channel
+    # (``weight_grad``, ``int8_module``): the same gradient and the same write-back.
+    @property
+    def weight_grad(self) -> torch.Tensor | None:
+        return self.grad
+
+    @weight_grad.setter
+    def weight_grad(self, value: torch.Tensor | None) -> None:
+        self.grad = value
+
+    @property
+    def int8_module(self) -> Int8Weight:
+        return self
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.dequantized()
+
+    def set_weight_(self, W: torch.Tensor, *, stochastic: bool = True,
+                    generator: torch.Generator | None = None) -> None:
+        requantize_(self, W, stochastic=stochastic, generator=generator)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+        kwargs = kwargs or {}
+        if func is _aten.detach.default:
+            (w,) = args
+            return w._with(w.codes, w.scale, w.zero)
+        if func is _aten.clone.default:
+            w = args[0]
+            return w._with(w.codes.clone(), w.scale.clone(), w.zero.clone())
+        if func is _aten._to_copy.default:
+            w = args[0]
+            dtype = kwargs.get("dtype") or w.dtype
+            if dtype.is_floating_point:
+                device = kwargs.get("device") or w.device
+                return w._with(w.codes.to(device), w.scale.to(device), w.zero.to(device), dtype)
+        if func in _LIKE:
+            w = args[0]
+            return func(torch.empty(w.shape, dtype=w.dtype, device=w.device), *args[1:],
+                        **kwargs)
+        if func is _aten.copy_.default and isinstance(args[0], Int8Weight):
+            dst, src = args[0], args[1]
+            W = src.dequantized() if isinstance(src, Int8Weight) else src
+            requantize_(dst, W.expand(dst.shape), stochastic=False)
+            return dst
+        for position, argument in enumerate(func._schema.arguments):
+            value = args[position] if position < len(args) else kwargs.get(argument.name)
+            written = argument.alias_info is not None and argument.alias_info.is_write
+            if written and isinstance(value, Int8Weight):
+                raise RuntimeError(
+                    f"{func} would write into an INT8 weight (adarank.quant.Int8Weight), where "
+                    "an in-place float update is lost to rounding: update it with "
+                    "adarank.quant.requantize_ (stochastic rounding), as adarank's optimizers "
+                    "(QGaLoreAdamW, AdaRankAdamW, GaLoreAdamW) do, or copy_ a float weight in"
+                )
+
+        def unwrap(x: Any) -> Any:
+            return x.dequantized().to(x.dtype) if isinstance(x, Int8Weight) else x
+
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+
+
+@torch.no_grad()
+def requantize_(
+    p: Int8Weight, W: torch.Tensor, *, stochastic: bool = True,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Store the float weight ``W`` into the INT8 weight ``p``: ``p ← Q(W)``, in place.
+
+    The write-back of an optimizer step: the optimizer dequantises ``p``
+    (``p.dequantized()``), applies its update in float32 and hands the result
+    here. Fresh per-group scales and zeros are computed from ``W``; with
+    ``stochastic=True`` (Q-GaLore) each code is rounded up with probability equal
+    to its fractional part, so ``E[p.dequantized()] = W`` per element, within one
+    new scale of it; ``stochastic=False`` rounds to nearest (within half a scale).
+    ``generator`` (on ``p``'s device) makes the draws reproducible.
+
+    The codes, scales and zeros are written with ``copy_`` (same tensors), so
+    autograd still detects a weight modified while a backward pass needs it.
+    """
+    if not isinstance(p, Int8Weight):
+        raise ValueError(f"requantize_: p must be an Int8Weight, got {type(p).__name__}")
+    if tuple(W.shape) != tuple(p.shape):
+        raise ValueError(f"requantize_: W has shape {tuple(W.shape)}, the weight {tuple(p.shape)}")
+    codes, scale, zero = _quantize_groups(_grouped(W, p.group_size), 8, stochastic, generator)
+    p.codes.copy_(_to_int8(codes.reshape(-1)[: W.numel()].view(p.shape)))
+    p.scale.copy_(scale)
+    p.zero.copy_(zero)
 
 
 class _Int8LinearFunction(torch.autograd.Function):
-    """``y = x Ŵᵀ + b`` with Ŵ dequantised; the float32 ``∂L/∂W`` goes to the
-    module (``weight.weight_grad``), since an int8 tensor cannot hold a float grad."""
+    """``y = x Ŵᵀ + b`` with Ŵ dequantised from the codes; ∂L/∂W in the weight's dtype."""
 
     @staticmethod
-    def forward(ctx, x, codes, scale, zero, bias, anchor, module):  # noqa: ARG004
-        W = _dequantize_codes(_from_int8(codes), scale, zero, module.group_size, codes.shape)
-        ctx.module = module
+    def forward(ctx, x, weight, bias):  # noqa: ANN001, ANN205
+        codes, scale, zero = weight.codes, weight.scale, weight.zero
+        W = _dequantize_codes(_from_int8(codes), scale, zero, weight.group_size, codes.shape)
+        ctx.group_size = weight.group_size
+        ctx.weight_dtype = weight.dtype
         ctx.has_bias = bias is not None
-        # Ŵ is recomputed in backward rather than saved: saving it would keep an
-        # m×n float copy alive per layer, which is what INT8 weights avoid.
+        # The codes are saved, not Ŵ: an m×n float copy per layer alive until backward
+        # is what INT8 weights avoid. Saving them also lets autograd detect codes
+        # rewritten in between (layer-wise mode, a layer called twice per forward).
         ctx.save_for_backward(x, codes, scale, zero)
         return F.linear(x, W.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         x, codes, scale, zero = ctx.saved_tensors
-        module = ctx.module
-        grad_x = grad_bias = None
+        grad_x = grad_w = grad_bias = None
         if ctx.needs_input_grad[0]:
-            W = _dequantize_codes(_from_int8(codes), scale, zero, module.group_size, codes.shape)
+            W = _dequantize_codes(_from_int8(codes), scale, zero, ctx.group_size, codes.shape)
             grad_x = grad_out @ W.to(grad_out.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[4]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(torch.float32)
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        module._accumulate_weight_grad(g2.T @ x2)
-        return grad_x, None, None, None, grad_bias, None, None
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            # Accumulated in float32 whatever the activations' dtype, then cast.
+            x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            grad_w = (rows.to(torch.float32).T @ x2).to(ctx.weight_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0)
+        return grad_x, grad_w, grad_bias
 
 
 class Int8Linear(nn.Module):
-    """A linear layer whose weight lives as INT8 codes with per-group scales and zeros.
+    """A linear layer whose weight is an ``Int8Weight``: INT8 codes, per-group scales and zeros.
 
     Storage (``out_features × in_features`` weight, row-major groups of
-    ``group_size``): ``weight`` int8 codes (1 byte per weight) plus float32
-    ``weight_scale`` and ``weight_zero`` of ``ceil(numel/group_size)`` each, i.e.
-    ``1 + 8/group_size`` bytes per weight (1.03 at 256) against 4 for float32.
-    Code ``c`` stands for ``zero + scale·(c + 128)``, so round-to-nearest is
-    within ``scale/2`` of the float weight (see ``quantize``).
+    ``group_size``): int8 codes (1 byte per weight) plus float32 scales and
+    zeros of ``ceil(numel/group_size)`` each, i.e. ``1 + 8/group_size`` bytes per
+    weight (1.03 at 256) against 4 for float32. Code ``c`` stands for
+    ``zero + scale·(c + 128)``, so round-to-nearest is within ``scale/2`` of the
+    float weight (see ``quantize``).
 
     Forward: dequantises the whole weight to a transient float32 m×n tensor
     (cast to the input dtype), then ``F.linear``; backward dequantises it again
     (nothing m×n is saved between the passes). Extra cost per pass: O(m·n)
     elementwise work and one m×n float temporary.
 
-    Gradient: integer tensors cannot hold a float ``.grad``, so ``weight`` is an
-    ``nn.Parameter`` with ``requires_grad=False`` and every backward pass adds the
-    float32 ∂L/∂W (m×n) to the attribute ``weight.weight_grad`` (None until the
-    first backward; *accumulated* across backward calls, like ``.grad``). Then
-    the hooks of ``register_weight_grad_hook`` run, as a post-accumulate-grad
-    hook would. The optimizer reads ``p.weight_grad``, calls
-    ``p.int8_module.apply_update_(delta)`` and must set ``p.weight_grad = None``
-    itself: ``Optimizer.zero_grad`` and ``Module.zero_grad`` do not know it.
-    The gradient is computed whenever grad mode is on, even if neither the input
-    nor the bias requires grad. ``bias`` stays a float parameter with ``.grad``.
+    Gradient: ``weight`` is an ``nn.Parameter`` that requires grad, and backward
+    accumulates a dense ∂L/∂W of the weight's dtype into ``weight.grad`` like
+    for any parameter (computed in float32): zero_grad, GradScaler, clipping,
+    hooks and parameter filters see it (``Int8Weight``). An optimizer reads
+    ``p.grad``, computes the new float weight from ``p.dequantized()`` and stores
+    it with ``requantize_`` (stochastic rounding); adarank's optimizers do this.
+    ``requires_grad_(False)`` freezes the weight (no gradient is computed).
+    ``bias`` is a float parameter of ``dtype``.
 
-    Why a parameter, not a buffer: it is listed by ``model.parameters()`` and
-    ``named_parameters()``, so an optimizer can hold it in a param group and key
-    its state by it; ``.to(device)`` keeps the same Python object (the optimizer
-    state and the ``weight_grad``/``int8_module`` attributes stay attached) and
-    ``.to(dtype)``/``.half()`` leave integer tensors alone (and this class keeps
-    the scales and zeros float32 through them; the bias converts). It appears in
-    ``state_dict()`` as ``weight`` (int8), with ``weight_scale``/``weight_zero``.
-    Code that filters ``requires_grad`` skips it, and ``clip_grad_norm_`` does
-    not see its gradient.
+    ``state_dict()`` holds ``weight`` (the int8 codes), ``weight_scale`` and
+    ``weight_zero`` (float32) and ``bias``: plain tensors, loadable with
+    ``torch.load(weights_only=True)``; ``load_state_dict`` copies them into the
+    existing weight in place (also under ``assign=True``), so an optimizer's
+    state stays attached to the same parameter. ``.to(device)``,
+    ``.to(dtype)``/``.half()`` convert the weight in place as well: same Python
+    object, codes kept, scales and zeros float32, the weight's (and so its
+    gradient's) dtype converted with the bias.
 
     Limitation: in layer-wise mode (the weight updated inside backward) the
     layer must be called once per forward pass; a second call's backward finds
@@ -417,8 +604,11 @@ class Int8Linear(nn.Module):
         in_features, out_features, bias: as ``nn.Linear``; the weight starts at
             zero, so build from a trained or initialised layer with ``from_linear``.
         group_size: weights per quantisation group (row-major); Q-GaLore uses 256.
-        device: where the tensors live. dtype: the bias dtype (default float32).
+        device: where the tensors live. dtype: the floating dtype of the weight
+            (what it stands for, and its gradient's) and of the bias (float32).
     """
+
+    weight: Int8Weight
 
     def __init__(
         self,
@@ -435,45 +625,93 @@ class Int8Linear(nn.Module):
         self.out_features = out_features
         self.group_size = group_size
         groups = -(-(in_features * out_features) // group_size)
-        self.weight = nn.Parameter(
-            torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
-            requires_grad=False,
-        )
-        self.register_buffer("weight_scale", torch.zeros(groups, device=device))
-        self.register_buffer("weight_zero", torch.zeros(groups, device=device))
+        codes = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        self.weight = nn.Parameter(Int8Weight(
+            codes, torch.zeros(groups, device=device), torch.zeros(groups, device=device),
+            group_size, dtype=dtype or torch.float32))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
-        self._weight_grad_hooks: OrderedDict[int, Callable[[nn.Parameter], None]] = OrderedDict()
-        self._attach()
 
-    def _attach(self) -> None:
-        if getattr(self.weight, "int8_module", None) is not self:
-            self.weight.int8_module = self
-        if not hasattr(self.weight, "weight_grad"):
-            self.weight.weight_grad = None
+    @property
+    def weight_scale(self) -> torch.Tensor:
+        """The weight's float32 per-group scales (``weight.scale``)."""
+        return self.weight.scale
 
-    # Whatever builds a new Parameter object drops its tensor attributes: a
-    # conversion that does not reuse the tensor, deepcopy (Parameter.__deepcopy__
-    # copies data only), load_state_dict(assign=True). Re-attach after each.
-    # Scales and zeros stay float32 through dtype conversions (model.bfloat16()):
-    # the error bound is stated for float32 group parameters.
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
-        out = super()._apply(fn, recurse)
-        self._attach()
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = self.weight_scale.float()
-            self.weight_zero = self.weight_zero.float()
-        return out
+    @property
+    def weight_zero(self) -> torch.Tensor:
+        """The weight's float32 per-group zeros (``weight.zero``)."""
+        return self.weight.zero
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._attach()
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        # Converted here, in place, not by nn.Module: its ``.data =`` would change
+        # the wrapper's dtype/device but keep the old codes, scales and zeros.
+        weight = self._parameters["weight"]
+        self._parameters["weight"] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"] = weight
+        with torch.no_grad():
+            converted = fn(weight)
+        if converted is not weight:
+            if not isinstance(converted, Int8Weight):
+                raise ValueError(
+                    f"Int8Linear: this conversion turns the INT8 weight into a "
+                    f"{type(converted).__name__} of {converted.dtype}; only device and "
+                    "floating-dtype conversions are supported"
+                )
+            grad = weight.grad
+            weight.grad = None  # a reference to it would block the swap
+            converted = nn.Parameter(converted, requires_grad=weight.requires_grad)
+            torch.utils.swap_tensors(weight, converted)  # same Python object, new contents
+            if grad is not None:
+                with torch.no_grad():
+                    weight.grad = fn(grad)
+        return self
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._attach()
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        w = self.weight
+        destination[prefix + "weight"] = w.codes
+        destination[prefix + "weight_scale"] = w.scale
+        destination[prefix + "weight_zero"] = w.zero
+
+    def _load_from_state_dict(  # noqa: ANN001
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ) -> None:
+        weight = self._parameters["weight"]
+        self._parameters["weight"] = None  # nn.Module loads the bias; the weight is ours
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                          missing_keys, unexpected_keys, error_msgs)
+        finally:
+            self._parameters["weight"] = weight
+        keys = {name: prefix + name for name in ("weight", "weight_scale", "weight_zero")}
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in keys.values()]
+        absent = [key for key in keys.values() if key not in state_dict]
+        if absent:
+            missing_keys.extend(absent)
+            return
+        codes, scale, zero = (state_dict[keys[n]] for n in ("weight", "weight_scale",
+                                                            "weight_zero"))
+        if codes.dtype != torch.int8 or codes.shape != weight.shape or (
+            scale.shape != weight.scale.shape or zero.shape != weight.zero.shape
+        ):
+            error_msgs.append(
+                f"{prefix}weight: an Int8Linear needs int8 codes of shape {tuple(weight.shape)} "
+                f"and {weight.scale.numel()} scales and zeros; the checkpoint has "
+                f"{codes.dtype} codes of shape {tuple(codes.shape)}, {scale.numel()} scales, "
+                f"{zero.numel()} zeros (a float nn.Linear weight? quantise it with "
+                "Int8Linear.from_linear)"
+            )
+            return
+        with torch.no_grad():
+            weight.codes.copy_(codes)
+            weight.scale.copy_(scale)
+            weight.zero.copy_(zero)
 
     @classmethod
     def from_linear(
@@ -481,43 +719,36 @@ class Int8Linear(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Int8Linear:
         """An ``Int8Linear`` holding ``linear``'s weight quantised (nearest rounding by
-        default) and a copy of its bias (same dtype), on the same device."""
+        default) and a copy of its bias, on the same device; the weight stands for
+        ``linear.weight``'s dtype and requires grad as it does."""
         weight = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                     group_size=group_size, device=weight.device,
-                     dtype=None if linear.bias is None else linear.bias.dtype)
+                     group_size=group_size, device=weight.device, dtype=weight.dtype)
         module.set_weight_(weight, stochastic=stochastic, generator=generator)
+        module.weight.requires_grad_(linear.weight.requires_grad)
         if linear.bias is not None:
             with torch.no_grad():
-                module.bias.copy_(linear.bias)
+                module.bias.data = linear.bias.detach().clone()
             module.bias.requires_grad_(linear.bias.requires_grad)
         return module
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the forward pass uses, float32 ``out_features × in_features``."""
-        return _dequantize_codes(_from_int8(self.weight), self.weight_scale, self.weight_zero,
-                                 self.group_size, self.weight.shape)
+        return self.weight.dequantized()
 
-    @torch.no_grad()
     def set_weight_(
         self, W: torch.Tensor, *, stochastic: bool = True,
         generator: torch.Generator | None = None,
     ) -> None:
         """Re-quantise the layer to ``W`` (float, ``out_features × in_features``) with
-        fresh group scales, in place (same tensors, ``copy_``)."""
+        fresh group scales, in place (``requantize_``)."""
         if tuple(W.shape) != tuple(self.weight.shape):
             raise ValueError(
                 f"Int8Linear.set_weight_: W has shape {tuple(W.shape)}, the layer "
                 f"{tuple(self.weight.shape)}"
             )
-        codes, scale, zero = _quantize_groups(_grouped(W, self.group_size), 8, stochastic,
-                                              generator)
-        codes = codes.reshape(-1)[: W.numel()].view(self.weight.shape)
-        self.weight.copy_(_to_int8(codes))
-        self.weight_scale.copy_(scale)
-        self.weight_zero.copy_(zero)
+        requantize_(self.weight, W, stochastic=stochastic, generator=generator)
 
-    @torch.no_grad()
     def apply_update_(
         self, delta: torch.Tensor, generator: torch.Generator | None = None, *,
         stochastic: bool = True,
@@ -535,34 +766,10 @@ class Int8Linear(nn.Module):
                 f"{tuple(self.weight.shape)}"
             )
         W = self.dequantized_weight().add_(delta.to(torch.float32).view(self.weight.shape))
-        self.set_weight_(W, stochastic=stochastic, generator=generator)
-
-    def register_weight_grad_hook(
-        self, hook: Callable[[nn.Parameter], None]
-    ) -> RemovableHandle:
-        """Call ``hook(self.weight)`` after each backward pass has added to
-        ``weight.weight_grad`` (the analogue of ``register_post_accumulate_grad_hook``,
-        which integer parameters cannot have). Returns a handle with ``.remove()``."""
-        handle = RemovableHandle(self._weight_grad_hooks)
-        self._weight_grad_hooks[handle.id] = hook
-        return handle
-
-    def _accumulate_weight_grad(self, grad: torch.Tensor) -> None:
-        p = self.weight
-        if p.weight_grad is None:
-            p.weight_grad = grad
-        else:
-            p.weight_grad.add_(grad)
-        for hook in list(self._weight_grad_hooks.values()):
-            hook(p)
+        requantize_(self.weight, W, stochastic=stochastic, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A tiny leaf that requires grad makes autograd run our backward (and so
-        # produce ∂L/∂W) even when neither x nor the bias requires grad.
-        anchor = (torch.empty(0, device=x.device, requires_grad=True)
-                  if torch.is_grad_enabled() else None)
-        return _Int8LinearFunction.apply(x, self.weight, self.weight_scale, self.weight_zero,
-                                         self.bias, anchor, self)
+        return _Int8LinearFunction.apply(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -610,26 +817,3 @@ def quantize_linears(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Int8Linear.from_linear(module, group_size))
     return [name for name, _ in targets]
-
-
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` (L2) that also sees INT8 weights' ``weight_grad``.
-
-    The total norm is over every ``p.grad`` and every ``Int8Linear`` weight's
-    float32 ``weight_grad``; all are scaled by ``min(1, max_norm / (norm + 1e-6))``,
-    torch's formula. Returns the total norm before clipping.
-    """
-    grads = []
-    for p in parameters:
-        if p.grad is not None:
-            grads.append(p.grad)
-        elif is_int8_weight(p) and p.weight_grad is not None:
-            grads.append(p.weight_grad)
-    if not grads:
-        return torch.tensor(0.0)
-    total = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.to(g.dtype))
-    return total

@@ -430,15 +430,14 @@ def _select(
         (name, param)
         for name, param in model.named_parameters()
         if param.ndim >= 2
-        and (param.requires_grad or getattr(param, "int8_module", None) is not None)
+        and param.requires_grad
         and wanted(name, param)
         and not any(word in name for word in exclude)
     ]
 
 
 def _grad_of(param: torch.Tensor) -> torch.Tensor | None:
-    # An INT8 weight (adarank.Int8Linear) keeps its float gradient aside.
-    return param.grad if param.grad is not None else getattr(param, "weight_grad", None)
+    return param.grad  # an INT8 weight (adarank.Int8Linear) too has a float .grad
 
 
 def _fact(quantity: str, value: Any) -> Any:

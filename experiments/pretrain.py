@@ -59,7 +59,7 @@ from typing import Any
 
 import torch
 
-from adarank.quant import clip_grad_norm_
+from torch.nn.utils import clip_grad_norm_
 from experiments import data as data_mod
 from experiments import measure, runconfig, runfiles
 from experiments.model import CONFIGS, PAPER_RANKS, Decoder, count_parameters, get_config

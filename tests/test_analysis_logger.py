@@ -318,8 +318,8 @@ def test_logging_overhead_at_every_50_is_under_5_percent(tmp_path):
 
 
 def test_logger_reads_int8_weights_float_gradient(tmp_path):
-    # adarank.Int8Linear keeps the float gradient in weight.weight_grad (integer
-    # tensors cannot hold one); the logger must measure it like any other.
+    # adarank.Int8Linear's weight (an Int8Weight) has an ordinary float .grad; the logger
+    # must track and measure it like any other weight.
     import adarank
 
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
@@ -329,7 +329,7 @@ def test_logger_reads_int8_weights_float_gradient(tmp_path):
     logger = SpectrumLogger(model, path, every=1, optimizer=opt)
     for step in range(2):
         model(torch.randn(4, 16)).square().mean().backward()
-        G = model[0].weight.weight_grad.double()
+        G = model[0].weight.grad.double()
         logger.record(step)
         opt.step()
         opt.zero_grad()

@@ -155,7 +155,7 @@ def test_foreach_path_matches_one_matrix_path_for_int8_weights():
     plain, _ = run(cls, options, foreach=False, int8=True)
     for a, b in zip(fast.modules(), plain.modules(), strict=True):
         if isinstance(a, adarank.Int8Linear):
-            diff = (a.weight.to(torch.int32) - b.weight.to(torch.int32)).abs()
+            diff = (a.weight.codes.to(torch.int32) - b.weight.codes.to(torch.int32)).abs()
             assert int(diff.max()) <= 1
             assert float((diff > 0).float().mean()) < 0.01
 

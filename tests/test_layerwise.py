@@ -12,7 +12,7 @@ from torch import nn
 
 import adarank
 from adarank.layerwise import ConsumedGrad, layerwise
-from adarank.quant import Int8Linear, is_int8_weight, quantize_linears
+from adarank.quant import Int8Linear, is_int8_weight, quantize_linears, requantize_
 
 # Each factory builds an optimizer from param groups; "groups" the groups to split.
 CONFIGS = {
@@ -254,17 +254,12 @@ class Int8SGD(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             for p in group["params"]:
-                if is_int8_weight(p) and p.weight_grad is not None:
-                    p.int8_module.apply_update_(-group["lr"] * p.weight_grad, stochastic=False)
-                elif p.grad is not None:
-                    p.add_(p.grad, alpha=-group["lr"])
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)
-        for group in self.param_groups:
-            for p in group["params"]:
+                if p.grad is None:
+                    continue
                 if is_int8_weight(p):
-                    p.weight_grad = None
+                    requantize_(p, p.dequantized() - group["lr"] * p.grad, stochastic=False)
+                else:
+                    p.add_(p.grad, alpha=-group["lr"])
 
 
 def test_layerwise_steps_int8_linear_weights_like_the_normal_step():
@@ -279,7 +274,7 @@ def test_layerwise_steps_int8_linear_weights_like_the_normal_step():
     train(twin, opt, range(4))
     for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q), n
-    assert isinstance(model.up, Int8Linear) and model.up.weight.weight_grad is None
+    assert isinstance(model.up, Int8Linear) and model.up.weight.grad is None
     x, y = batch(0)
     (model(x) - y).square().mean().backward()
     with pytest.raises(RuntimeError, match="second gradient"):

@@ -83,8 +83,9 @@ def test_int8_weights_train_and_stay_int8():
     losses = fit(model, opt, 100, X, Y)
     opt.zero_grad()
     for layer in (model[0], model[2], model[4]):
-        assert layer.weight.dtype == torch.int8
-        assert layer.weight.weight_grad is None  # cleared by zero_grad
+        assert layer.weight.codes.dtype == torch.int8 and layer.weight.stored_bytes() < (
+            1.1 * layer.weight.numel())
+        assert layer.weight.grad is None  # cleared by zero_grad
     assert losses[-1] < 0.5 * losses[0]
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from adarank.quant import (
     Int8Linear,
+    Int8Weight,
     dequantize,
     flatten_qtensor,
     is_int8_weight,
@@ -263,8 +264,11 @@ def make_int8(in_f=40, out_f=6, bias=True, group_size=32, seed=0):
 
 def test_int8linear_stores_int8_within_half_scale_of_the_float_weight():
     linear, layer = make_int8()
-    assert layer.weight.dtype == torch.int8 and not layer.weight.requires_grad
-    assert tuple(layer.weight.shape) == (6, 40) and is_int8_weight(layer.weight)
+    w = layer.weight
+    assert isinstance(w, Int8Weight) and isinstance(w, nn.Parameter) and w.requires_grad
+    assert w.dtype == torch.float32 and w.codes.dtype == torch.int8  # stands for float32
+    assert w.stored_bytes() == 6 * 40 + 8 * math.ceil(6 * 40 / 32)
+    assert tuple(w.shape) == (6, 40) and is_int8_weight(w)
     assert not is_int8_weight(linear.weight)
     err = per_group(layer.dequantized_weight() - linear.weight.detach(), 32).abs()
     slack = 8 * EPS32 * linear.weight.detach().abs().max()
@@ -289,34 +293,38 @@ def test_int8linear_gradients_equal_the_float_reference():
     g = torch.randn(3, 4, 6)
     layer(x).backward(g)
     F.linear(x_ref, w_ref, b_ref).backward(g.double())
-    grad = layer.weight.weight_grad
-    assert grad.dtype == torch.float32 and grad.shape == (6, 40)
+    grad = layer.weight.grad
+    assert type(grad) is torch.Tensor and grad.dtype == torch.float32 and grad.shape == (6, 40)
     torch.testing.assert_close(grad.double(), w_ref.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.bias.grad.double(), b_ref.grad, rtol=1e-5, atol=1e-5)
-    assert layer.weight.grad is None
-    # A second backward accumulates, like .grad.
+    # A second backward accumulates, like any .grad.
     layer(x.detach()).backward(g)
-    torch.testing.assert_close(layer.weight.weight_grad.double(), 2 * w_ref.grad, rtol=1e-5,
+    torch.testing.assert_close(layer.weight.grad.double(), 2 * w_ref.grad, rtol=1e-5,
                                atol=1e-5)
 
 
-def test_weight_grad_exists_when_nothing_else_needs_grad():
+def test_weight_grad_exists_when_nothing_else_needs_grad_and_not_when_frozen():
     _, layer = make_int8(bias=False)
     layer(torch.randn(5, 40)).square().sum().backward()
-    assert layer.weight.weight_grad is not None
-    layer.weight.weight_grad = None
+    assert layer.weight.grad is not None
+    layer.weight.grad = None
     with torch.no_grad():
         layer(torch.randn(5, 40))
-    assert layer.weight.weight_grad is None
+    assert layer.weight.grad is None
+    layer.weight.requires_grad_(False)
+    x = torch.randn(5, 40, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.weight.grad is None and x.grad is not None
 
 
-def test_weight_grad_hook_fires_after_accumulation_and_can_be_removed():
+def test_post_accumulate_grad_hook_fires_and_can_be_removed():
     _, layer = make_int8()
     seen = []
-    handle = layer.register_weight_grad_hook(lambda p: seen.append(p.weight_grad.clone()))
+    handle = layer.weight.register_post_accumulate_grad_hook(
+        lambda p: seen.append(p.grad.clone()))
     layer(torch.randn(5, 40)).sum().backward()
-    assert len(seen) == 1 and torch.equal(seen[0], layer.weight.weight_grad)
+    assert len(seen) == 1 and torch.equal(seen[0], layer.weight.grad)
     handle.remove()
     layer(torch.randn(5, 40)).sum().backward()
     assert len(seen) == 1
@@ -346,7 +354,7 @@ def test_apply_update_is_unbiased_and_within_one_scale():
     # Nearest rounding loses updates this small: most codes would not move.
     layer.load_state_dict(start)
     layer.apply_update_(delta, stochastic=False)
-    assert (layer.weight == start["weight"]).float().mean() > 0.5
+    assert (layer.weight.codes == start["weight"]).float().mean() > 0.5
 
 
 def test_apply_update_rejects_a_wrong_shape():
@@ -359,24 +367,47 @@ def test_int8linear_state_dict_roundtrip_is_weights_only_loadable():
     _, layer = make_int8()
     saved = roundtrip(layer.state_dict())
     assert saved["weight"].dtype == torch.int8 and saved["weight_scale"].dtype == torch.float32
+    assert list(saved) == ["weight", "bias", "weight_scale", "weight_zero"]
+    assert all(type(v) is torch.Tensor for v in saved.values())
     fresh = Int8Linear(40, 6, group_size=32)
+    weight = fresh.weight
     fresh.load_state_dict(saved)
+    assert fresh.weight is weight  # loaded in place: an optimizer's state stays attached
     x = torch.randn(4, 40)
     assert torch.equal(fresh(x), layer(x))
-    assert fresh.weight.int8_module is fresh
+    assigned = Int8Linear(40, 6, group_size=32)
+    assigned.load_state_dict(saved, assign=True)
+    assert isinstance(assigned.weight, Int8Weight) and torch.equal(assigned(x), layer(x))
 
 
-def test_int8linear_conversions_keep_codes_and_attachment():
+def test_int8linear_load_refuses_a_float_weight_and_reports_missing_keys():
+    _, layer = make_int8()
+    float_state = nn.Linear(40, 6).state_dict()
+    with pytest.raises(RuntimeError, match="needs int8 codes of shape"):
+        layer.load_state_dict({**float_state, "weight_scale": layer.weight_scale,
+                               "weight_zero": layer.weight_zero})
+    with pytest.raises(RuntimeError, match="Missing key.*weight_scale"):
+        layer.load_state_dict(float_state)
+
+
+def test_int8linear_conversions_keep_codes_and_the_parameter_object():
     _, layer = make_int8()
     copied = copy.deepcopy(layer)
-    assert copied.weight.int8_module is copied and copied.weight.weight_grad is None
+    assert isinstance(copied.weight, Int8Weight) and copied.weight.codes is not layer.weight.codes
+    assert torch.equal(copied.weight.codes, layer.weight.codes)
+    weight, codes = layer.weight, layer.weight.codes.clone()
+    layer(torch.randn(2, 40)).sum().backward()
     layer.to(torch.float64)
-    assert layer.weight.dtype == torch.int8 and layer.bias.dtype == torch.float64
+    assert layer.weight is weight and torch.equal(layer.weight.codes, codes)
+    assert layer.weight.dtype == layer.bias.dtype == layer.weight.grad.dtype == torch.float64
     assert layer.weight_scale.dtype == layer.weight_zero.dtype == torch.float32
-    assert layer.weight.int8_module is layer
+    layer.weight.grad = None
     out = layer(torch.randn(2, 40, dtype=torch.float64))
     out.sum().backward()
-    assert out.dtype == torch.float64 and layer.weight.weight_grad.dtype == torch.float32
+    assert out.dtype == torch.float64 and layer.weight.grad.dtype == torch.float64
+    layer.to("meta")  # a device move (the one this CPU test can make)
+    assert layer.weight is weight and layer.weight.codes.device.type == "meta"
+    assert layer.weight.scale.device.type == "meta" == layer.weight.device.type
 
 
 class Lm(nn.Module):
