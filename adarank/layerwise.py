@@ -2,12 +2,12 @@
 
 ``layerwise(model, optimizer_factory)`` builds one optimizer per trainable
 parameter (``Int8Linear`` weights included) and registers a post-accumulate-grad
-hook on it. When backward has
-finished accumulating a parameter's gradient the hook steps that parameter's
-optimizer and sets ``p.grad = None`` (``p.weight_grad = None``), so at most
-the gradients of the parameters autograd is working on exist at any moment,
-never all of them (the per-layer weight updates of GaLore, arXiv 2403.03507;
-PyTorch's "optimizer step in backward" recipe).
+hook on it. When backward has finished accumulating a parameter's gradient the
+hook steps that parameter's optimizer and frees ``p.grad`` (leaving a
+``ConsumedGrad`` marker, see below), so at most the gradients of the parameters
+autograd is working on exist at any moment, never all of them (the per-layer
+weight updates of GaLore, arXiv 2403.03507; PyTorch's "optimizer step in
+backward" recipe).
 
 What this mode cannot do, by construction:
 
@@ -95,7 +95,7 @@ class ConsumedGrad(torch.Tensor):
     def __init__(self, like: torch.Tensor, name: str) -> None:
         pass
 
-    def __repr__(self, *, tensor_contents: Any = None) -> str:
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         return (f"ConsumedGrad(param_name={self.param_name!r}, shape={tuple(self.shape)}, "
                 f"dtype={self.dtype})")
 

@@ -424,17 +424,6 @@ class AdaRankAdamW(Optimizer):
             )
             it.store_weight(W)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """As ``Optimizer.zero_grad``, and also for INT8 weights' ``weight_grad``."""
-        super().zero_grad(set_to_none)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if is_int8_weight(p) and p.weight_grad is not None:
-                    if set_to_none:
-                        p.weight_grad = None
-                    else:
-                        p.weight_grad.zero_()
-
     # ------------------------------------------------------------ accounting
 
     @staticmethod

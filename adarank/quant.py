@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -338,7 +338,7 @@ def _from_int8(codes: torch.Tensor) -> torch.Tensor:
     return codes.view(torch.uint8) ^ 0x80
 
 
-def is_int8_weight(p: torch.Tensor) -> bool:
+def is_int8_weight(p: torch.Tensor) -> TypeGuard[Int8Weight]:
     """True when ``p`` is an INT8 weight (an ``Int8Weight``, e.g. ``Int8Linear.weight``)."""
     return isinstance(p, Int8Weight)
 
@@ -391,7 +391,7 @@ class Int8Weight(torch.Tensor):
 
     # Plain tensors out of every torch function (the default would re-wrap them
     # as Int8Weight without codes); the work happens in __torch_dispatch__.
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
     @staticmethod
     def __new__(
@@ -431,7 +431,7 @@ class Int8Weight(torch.Tensor):
         """Bytes this weight holds: codes, scales and zeros (the wrapper holds none)."""
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
 
-    def __repr__(self, *, tensor_contents: Any = None) -> str:
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         return (f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, "
                 f"device={self.device}, group_size={self.group_size}, "
                 f"requires_grad={self.requires_grad})")
@@ -439,27 +439,6 @@ class Int8Weight(torch.Tensor):
     def _with(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
               dtype: torch.dtype | None = None) -> Int8Weight:
         return Int8Weight(codes, scale, zero, self.group_size, dtype=dtype or self.dtype)
-
-    # Compatibility with optimizers written for the former side channel
-    # (``weight_grad``, ``int8_module``): the same gradient and the same write-back.
-    @property
-    def weight_grad(self) -> torch.Tensor | None:
-        return self.grad
-
-    @weight_grad.setter
-    def weight_grad(self, value: torch.Tensor | None) -> None:
-        self.grad = value
-
-    @property
-    def int8_module(self) -> Int8Weight:
-        return self
-
-    def dequantized_weight(self) -> torch.Tensor:
-        return self.dequantized()
-
-    def set_weight_(self, W: torch.Tensor, *, stochastic: bool = True,
-                    generator: torch.Generator | None = None) -> None:
-        requantize_(self, W, stochastic=stochastic, generator=generator)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
@@ -504,7 +483,7 @@ class Int8Weight(torch.Tensor):
 
 @torch.no_grad()
 def requantize_(
-    p: Int8Weight, W: torch.Tensor, *, stochastic: bool = True,
+    p: torch.Tensor, W: torch.Tensor, *, stochastic: bool = True,
     generator: torch.Generator | None = None,
 ) -> None:
     """Store the float weight ``W`` into the INT8 weight ``p``: ``p ← Q(W)``, in place.
@@ -626,9 +605,10 @@ class Int8Linear(nn.Module):
         self.group_size = group_size
         groups = -(-(in_features * out_features) // group_size)
         codes = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
-        self.weight = nn.Parameter(Int8Weight(
+        # nn.Parameter of an Int8Weight is that Int8Weight, flagged as a parameter.
+        self.weight = cast(Int8Weight, nn.Parameter(Int8Weight(
             codes, torch.zeros(groups, device=device), torch.zeros(groups, device=device),
-            group_size, dtype=dtype or torch.float32))
+            group_size, dtype=dtype or torch.float32)))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         else:
@@ -682,13 +662,13 @@ class Int8Linear(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
         error_msgs,
     ) -> None:
-        weight = self._parameters["weight"]
+        weight = self.weight
         self._parameters["weight"] = None  # nn.Module loads the bias; the weight is ours
         try:
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                           missing_keys, unexpected_keys, error_msgs)
         finally:
-            self._parameters["weight"] = weight
+            self._parameters["weight"] = weight  # type: ignore[assignment]
         keys = {name: prefix + name for name in ("weight", "weight_scale", "weight_zero")}
         unexpected_keys[:] = [k for k in unexpected_keys if k not in keys.values()]
         absent = [key for key in keys.values() if key not in state_dict]

@@ -18,7 +18,7 @@ import torch
 
 from .budget import Demand, allocate, lowrank_bytes
 from .projector import projector_from_svd, side_for
-from .quant import is_int8_weight
+from .quant import is_int8_weight, requantize_
 from .rank import RANK_RULES, clamp_rank, rank_cap
 from .rows import LOCAL, RowOps, local_tensor
 from .rsvd import mix_seed
@@ -36,12 +36,8 @@ REFRESH_BATCH_BYTES = 256 * 2**20
 
 
 def gradient_of(p: torch.Tensor) -> torch.Tensor | None:
-    """The gradient the optimizer uses: ``p.grad``, or an INT8 weight's float32
-    ``weight_grad`` (integer tensors cannot hold a float ``.grad``)."""
-    if p.grad is not None:
-        return p.grad
-    # INT8 weights carry attributes set by quant.Int8Linear (not in torch's types).
-    return getattr(p, "weight_grad", None) if is_int8_weight(p) else None
+    """The gradient the optimizer uses: ``p.grad`` (an INT8 weight's too)."""
+    return p.grad
 
 
 class Item:
@@ -82,7 +78,7 @@ class Item:
         """The tensor an update is applied to: this rank's block of the parameter, or an
         INT8 weight's float32 dequantisation (re-quantised by ``store_weight``)."""
         if is_int8_weight(self.param):
-            return _int8_module(self.param).dequantized_weight()
+            return self.param.dequantized()
         return local_tensor(self.param)
 
     def store_weight(self, W: torch.Tensor) -> None:
@@ -94,14 +90,7 @@ class Item:
         group = self.group
         gen = torch.Generator(device=W.device)
         gen.manual_seed(mix_seed(group["seed"], self.index, int(self.state["step"]), 0x1A7))
-        _int8_module(self.param).set_weight_(
-            W, stochastic=group["stochastic_rounding"], generator=gen
-        )
-
-
-def _int8_module(p: torch.Tensor) -> Any:
-    """The ``quant.Int8Linear`` that owns an INT8 weight."""
-    return getattr(p, "int8_module")  # noqa: B009
+        requantize_(self.param, W, stochastic=group["stochastic_rounding"], generator=gen)
 
 
 def first_sketch(state: dict[str, Any], group: dict[str, Any], cap: int) -> int:

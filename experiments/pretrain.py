@@ -58,8 +58,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from torch.nn.utils import clip_grad_norm_
+
 from experiments import data as data_mod
 from experiments import measure, runconfig, runfiles
 from experiments.model import CONFIGS, PAPER_RANKS, Decoder, count_parameters, get_config
