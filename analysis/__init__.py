@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from analysis import metrics
-from analysis.io import LogError, SpectrumLog, load_log
+from adarank.analysis import metrics
+from adarank.analysis.io import LogError, SpectrumLog, load_log
 
 if TYPE_CHECKING:
-    from analysis.hooks import SpectrumLogger
+    from adarank.analysis.hooks import SpectrumLogger
 
 __all__ = ["LogError", "SpectrumLog", "SpectrumLogger", "load_log", "metrics"]
 
@@ -25,7 +25,7 @@ def __getattr__(name: str) -> Any:
     # The logger needs torch; reading and plotting logs does not, so the command line's
     # summary/plot/compare start without importing it.
     if name == "SpectrumLogger":
-        from analysis.hooks import SpectrumLogger
+        from adarank.analysis.hooks import SpectrumLogger
 
         return SpectrumLogger
-    raise AttributeError(f"module 'analysis' has no attribute {name!r}")
+    raise AttributeError(f"module 'adarank.analysis' has no attribute {name!r}")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis.io import LogError, SpectrumLog, load_log
+from adarank.analysis.io import LogError, SpectrumLog, load_log
 
 PROG = "adarank-spectrum"
 
@@ -155,7 +155,7 @@ def _check_measure(log: SpectrumLog, measure: str | None) -> None:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from analysis.plots import write_plots
+    from adarank.analysis.plots import write_plots
 
     log = _load(args.log)
     _check_measure(log, args.measure)
@@ -166,7 +166,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from analysis.plots import write_comparison
+    from adarank.analysis.plots import write_comparison
 
     logs = [_load(path) for path in args.logs]
     if args.labels and len(args.labels) != len(logs):
@@ -180,7 +180,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_record(args: argparse.Namespace) -> int:
-    from analysis.demo import DemoConfig, train
+    from adarank.analysis.demo import DemoConfig, train
 
     config = DemoConfig(
         optimizer=args.optimizer, steps=args.steps, every=args.every, lr=args.lr,

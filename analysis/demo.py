@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.hooks import SpectrumLogger
+from adarank.analysis.hooks import SpectrumLogger
 
 __all__ = ["OPTIMIZERS", "DemoConfig", "TinyDecoder", "load_corpus", "train"]
 

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from adarank.analysis import metrics
+from adarank.analysis.io import LogWriter
+from adarank.analysis.layer_types import layer_type
 from adarank.layerwise import ConsumedGrad, LayerwiseOptimizer
-from analysis import metrics
-from analysis.io import LogWriter
-from analysis.layer_types import layer_type
 
 __all__ = ["SpectrumLogger"]
 

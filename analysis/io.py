@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis.layer_types import layer_type
+from adarank.analysis.layer_types import layer_type
 
 __all__ = ["FORMAT", "VERSION", "LogError", "LogWriter", "SpectrumLog", "load_log"]
 

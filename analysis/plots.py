@@ -27,8 +27,8 @@ from matplotlib.legend import Legend
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from analysis.io import SpectrumLog
-from analysis.layer_types import type_sort_key
+from adarank.analysis.io import SpectrumLog
+from adarank.analysis.layer_types import type_sort_key
 
 __all__ = [
     "comparison_figure",

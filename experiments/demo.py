@@ -40,8 +40,8 @@ def rank_table(metrics_path: Path) -> str:
 
 def rank_figure(spectrum_path: Path, out_path: Path) -> Path:
     """The overview figure of ``analysis.plots`` (ranks by layer type, spectra, heatmap)."""
-    from analysis import load_log
-    from analysis.plots import overview_figure, save_figure
+    from adarank.analysis import load_log
+    from adarank.analysis.plots import overview_figure, save_figure
 
     return save_figure(overview_figure(load_log(spectrum_path)), out_path)
 

@@ -298,7 +298,7 @@ def _make_spectrum_logger(
     if c.spectrum_every <= 0 or (ema and c.spectrum_ema <= 0):
         return None
     try:
-        from analysis.hooks import SpectrumLogger
+        from adarank.analysis.hooks import SpectrumLogger
     except ImportError:
         print("analysis.SpectrumLogger not importable; spectrum log skipped", file=sys.stderr)
         return None

@@ -18,7 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from analysis.plots import save_figure  # noqa: E402
+from adarank.analysis.plots import save_figure  # noqa: E402
 from experiments.compare import comparison_table  # noqa: E402
 from paper_figures import (  # noqa: E402
     fig_lr_sweep,

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis import LogError, SpectrumLog, load_log
+from adarank.analysis import LogError, SpectrumLog, load_log
 from experiments.compare import load_run
 
 REPO = Path(__file__).resolve().parents[1]

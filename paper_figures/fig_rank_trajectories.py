@@ -13,7 +13,7 @@ import sys
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from analysis.plots import default_measure, measure_label, plot_rank_by_type
+from adarank.analysis.plots import default_measure, measure_label, plot_rank_by_type
 from paper_figures.common import Comparison, has_quantity
 
 NAME = "rank_trajectories"

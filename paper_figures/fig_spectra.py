@@ -9,7 +9,7 @@ import sys
 import numpy as np
 from matplotlib.figure import Figure
 
-from analysis.plots import plot_spectra
+from adarank.analysis.plots import plot_spectra
 from paper_figures.common import Comparison, representative_layer
 
 NAME = "spectra"

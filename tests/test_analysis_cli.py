@@ -56,7 +56,7 @@ def test_record_writes_a_log_and_reports_overhead(tmp_path, capsys):
                                "--out", path, capsys=capsys)
     assert status == 0, err
     assert "overhead" in out and str(path) in out
-    from analysis import load_log
+    from adarank.analysis import load_log
 
     log = load_log(path)
     assert list(log.steps) == [0, 4, 8, 11]  # every 4, and the last step
@@ -103,8 +103,8 @@ def test_plot_writes_valid_pngs(plotted):
 
 
 def test_plots_are_byte_identical_across_runs(logs, plotted, tmp_path):
-    from analysis import load_log
-    from analysis.plots import overview_figure, save_figure
+    from adarank.analysis import load_log
+    from adarank.analysis.plots import overview_figure, save_figure
 
     again = save_figure(overview_figure(load_log(logs["adarank"])), tmp_path / "overview.png")
     (first,) = [path for path in plotted if path.name == "overview.png"]

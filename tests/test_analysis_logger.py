@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import adarank
-from analysis import LogError, SpectrumLogger, load_log, metrics
+from adarank.analysis import LogError, SpectrumLogger, load_log, metrics
 
 
 class TinyNet(nn.Module):
@@ -310,7 +310,7 @@ def test_invalid_settings_raise_value_error(tmp_path):
 
 @pytest.mark.slow
 def test_logging_overhead_at_every_50_is_under_5_percent(tmp_path):
-    from analysis.demo import DemoConfig, train
+    from adarank.analysis.demo import DemoConfig, train
 
     result = train(DemoConfig(optimizer="adamw", steps=300, every=50), tmp_path / "o.jsonl")
     overhead = result["record_seconds"] / (result["train_seconds"] - result["record_seconds"])

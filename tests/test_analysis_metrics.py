@@ -10,8 +10,8 @@ import scipy.linalg
 import scipy.stats
 import torch
 
-from analysis import metrics
-from analysis.layer_types import layer_type
+from adarank.analysis import metrics
+from adarank.analysis.layer_types import layer_type
 
 # Float64 throughout; results built from float32 inputs agree to float32 rounding.
 RTOL64 = 1e-12
