@@ -6,7 +6,8 @@ Public API:
   rank follows an energy threshold, refreshed by randomized SVD and tracked online.
 - ``GaLoreAdamW``: the published GaLore (fixed rank, exact SVD, reference semantics).
 - ``QGaLoreAdamW``: Q-GaLore (INT4 projectors, lazy refresh, INT8 weights).
-- ``param_groups(model)``: a low-rank group of linear weights and a plain group.
+- ``param_groups(model, target_modules=...)``: low-rank groups of the linear weights
+  (heads, poolers, embeddings left out) and plain AdamW groups.
 - ``quantize_linears(model)``: INT8 linear layers (``Int8Linear``) for Q-GaLore.
 - ``layerwise(model, factory)``: step each parameter in its gradient hook.
 - ``randomized_svd`` (and ``randomized_svd_batched``), ``energy_rank``: the
