@@ -1,8 +1,9 @@
 """Rank measures of a singular-value spectrum (and of a matrix, through its spectrum).
 
 Each function takes a 1-D vector of singular values σ (a torch tensor, a numpy array or a list; any
-order, any float dtype) and computes in float64. The ``matrix_*`` twins take a 2-D matrix G and
-measure its exact spectrum. Conventions (the same as adarank's rank rule, DESIGN.md §3.2):
+order, any float dtype) or a 2-D matrix G, whose exact spectrum it then measures, and computes in
+float64. The ``matrix_*`` twins accept only a matrix. Conventions (the same as adarank's rank
+rule, DESIGN.md §3.2):
 
 - stable rank        ‖G‖_F² / ‖G‖_2²  =  Σσ_i² / σ_1²                      (in [1, rank G])
 - effective rank     exp(H(p)),  p_i = σ_i / Σ_j σ_j,  H(p) = −Σ p_i log p_i  (in [1, rank G])
@@ -42,15 +43,20 @@ def _as_float64(x: Any) -> np.ndarray:
 
 def _spectrum(s: Any) -> np.ndarray:
     s = _as_float64(s)
+    if s.ndim == 2:
+        return singular_values(s)
     if s.ndim != 1:
-        raise ValueError(f"expected a 1-D vector of singular values, got shape {tuple(s.shape)}")
+        raise ValueError(
+            f"expected singular values (1-D) or a matrix (2-D), got shape {tuple(s.shape)}"
+        )
     if s.size and (not np.all(np.isfinite(s)) or s.min() < 0):
         raise ValueError("singular values must be finite and non-negative")
     return np.sort(s)[::-1]
 
 
 def stable_rank(s: Any) -> float:
-    """Stable rank Σσ_i² / max σ_i² of the spectrum ``s`` (shape (k,)); 0.0 for a zero spectrum."""
+    """Stable rank Σσ_i² / max σ_i² of the spectrum ``s`` (shape (k,)), or ‖G‖_F²/‖G‖_2² of a
+    matrix ``s`` (shape (m, n)); 0.0 for a zero spectrum."""
     s = _spectrum(s)
     if s.size == 0 or s[0] == 0:
         return 0.0
@@ -100,6 +106,8 @@ def singular_values(G: Any) -> np.ndarray:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(G.shape)}")
     if G.size == 0:
         return np.zeros(0)
+    if not np.all(np.isfinite(G)):
+        raise ValueError("the matrix must be finite to have a spectrum")
     return np.linalg.svd(G, compute_uv=False)
 
 

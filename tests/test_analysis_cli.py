@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,20 @@ def test_summary_prints_a_table_per_layer(logs, capsys):
     assert status == 0
     assert "layers.0.self_attn.q_proj.weight" in out
     assert "optimizer" in out and "E0.9" in out and "mean over layers" in out
+
+
+def test_summary_into_a_closed_pipe_exits_without_a_traceback(logs):
+    # As `adarank-spectrum summary --json log | head -0`: the reader is gone before any write.
+    code = "import sys; from adarank.analysis.cli import main; sys.exit(main(sys.argv[1:]))"
+    read, write = os.pipe()
+    os.close(read)
+    result = subprocess.run(
+        [sys.executable, "-c", code, "summary", "--json", str(logs["adarank"])],
+        stdout=write, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
+    )
+    os.close(write)
+    assert result.stderr == ""
+    assert result.returncode == 1
 
 
 def test_summary_json_has_first_last_min_per_measure(logs, capsys):

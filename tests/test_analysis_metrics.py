@@ -118,6 +118,16 @@ def test_matrix_measures_match_constructed_spectrum_and_scipy():
     assert metrics.matrix_energy_rank(torch.from_numpy(G), 0.97) == 4
 
 
+def test_spectrum_measures_take_a_matrix_too():
+    s = np.array([4.0, 2.0, 1.0])
+    G = _matrix_with_spectrum(s, 7, 5, seed=3)
+    assert metrics.stable_rank(G) == pytest.approx(21 / 16, rel=1e-12)
+    assert metrics.stable_rank(torch.from_numpy(G).float()) == pytest.approx(21 / 16, rel=1e-6)
+    p = s / s.sum()
+    assert metrics.effective_rank(G) == pytest.approx(math.exp(-np.sum(p * np.log(p))), rel=1e-9)
+    assert metrics.energy_rank(G, 0.9) == 2  # 16, 20 of 21: η·21 = 18.9
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -125,7 +135,8 @@ def test_matrix_measures_match_constructed_spectrum_and_scipy():
         lambda: metrics.energy_rank([1.0, 2.0], 1.5),
         lambda: metrics.stable_rank([1.0, -2.0]),
         lambda: metrics.effective_rank([1.0, float("nan")]),
-        lambda: metrics.stable_rank(np.ones((2, 2))),
+        lambda: metrics.stable_rank(np.ones((2, 2, 2))),
+        lambda: metrics.effective_rank(np.array([[1.0, np.inf], [0.0, 1.0]])),
         lambda: metrics.singular_values(np.ones(3)),
         lambda: metrics.energy_rank([1.0], 0.5, total_energy=-1.0),
     ],
