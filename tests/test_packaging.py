@@ -97,3 +97,25 @@ def test_wheel_console_script_points_into_adarank(wheel: zipfile.ZipFile) -> Non
     (entry_points,) = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
     text = wheel.read(entry_points).decode()
     assert "adarank-spectrum = adarank.analysis.cli:main" in text
+
+
+def test_wheel_metadata_has_license_classifiers_and_py_typed(wheel: zipfile.ZipFile) -> None:
+    names = wheel.namelist()
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    text = wheel.read(metadata).decode()
+    assert "License-Expression: MIT" in text
+    assert "Classifier: Typing :: Typed" in text
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "adarank/py.typed" in names
+    assert "Provides-Extra: integrations" in text
+
+
+def test_import_adarank_loads_torch_but_nothing_heavy_it_does_not_need() -> None:
+    # scipy, fbpca and matplotlib serve the fbpca backend and the analysis package; transformers
+    # and lightning the integrations. None of them is imported by `import adarank`.
+    heavy = ("scipy", "fbpca", "matplotlib", "transformers", "lightning", "adarank.analysis")
+    code = f"import sys, adarank; print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=REPO
+    )
+    assert result.stdout.strip() == ""
