@@ -1,6 +1,6 @@
 """The flagship demo: AdaRankAdamW beside AdamW on real text, on a CPU, in a few minutes.
 
-    python -m experiments.demo [--steps 200] [--model cpu] [--out demo_out]
+    python -m experiments.demo [--steps 200] [--model cpu] [--out demo_out] [--keep-checkpoints]
 
 Pre-trains the same LLaMA-style decoder twice on the Shakespeare corpus (same weights, same
 batches, same warm-up + cosine schedule; see ``experiments.pretrain``): once with
@@ -8,7 +8,13 @@ batches, same warm-up + cosine schedule; see ``experiments.pretrain``): once wit
 prints the per-layer ranks the optimizer chose at each evaluation; at the end it prints the
 comparison (validation perplexity, optimizer-state memory, tokens/s) and writes the rank figure
 ``<out>/rank_decay.png`` from the run's spectrum log. Every number printed is read back from the
-runs' logs in ``<out>/<optimizer>/``.
+runs' logs in ``<out>/<optimizer>/``. Tokens/s is wall-clock throughput, so it drops when other
+jobs share the CPU. Both runs share one process, whose peak resident memory cannot be told apart
+per run on a CPU: the table shows no peak memory (the optimizer-state column is exact).
+
+Each run writes a checkpoint (``ckpt.pt``, about 75 MB for the ``cpu`` model); the demo deletes
+them when it is done unless ``--keep-checkpoints``. Tokenised data is cached in
+``$ADARANK_DATA_CACHE`` (default: ``data_cache/`` in the repository).
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="torch CPU threads (default torch's; 1 on a machine busy with "
                              "other jobs, where multi-threaded kernels stall)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep each run's ckpt.pt (about 75 MB each for the cpu model)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     every = max(1, args.steps // 8)
@@ -69,10 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         train(config)
         runs[optimizer] = out / optimizer
+        if not args.keep_checkpoints:
+            (out / optimizer / "ckpt.pt").unlink(missing_ok=True)
     print("\nAdaRankAdamW's chosen rank per layer type (mean over layers) at each evaluation:")
     print(rank_table(runs["adarank"] / "metrics.jsonl"))
     print("\nComparison (same model, tokens, schedule and seed):")
-    print(comparison_table([load_run(path) for path in runs.values()]))
+    summaries = [load_run(path) for path in runs.values()]
+    for summary in summaries:  # one process's peak RSS, the same number for both runs
+        summary.pop("peak_memory_bytes", None)
+    print(comparison_table(summaries))
     figure = rank_figure(runs["adarank"] / "spectrum.jsonl", out / "rank_decay.png")
     print(f"\nrank figure: {figure}")
     return 0
