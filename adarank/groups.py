@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from .optimizer import LOWRANK_DEFAULTS
@@ -119,7 +120,7 @@ def param_groups(
     lowrank_of: dict[int, str] = {}  # id(weight) -> the proj_type of its group
     for module_name in selected:
         module, kind = linears[module_name]
-        weight = module.weight
+        weight: torch.Tensor = module.weight  # type: ignore[assignment]
         if not (weight.requires_grad or is_int8_weight(weight)):
             continue
         lowrank_of[id(weight)] = (
@@ -181,7 +182,7 @@ def _check_exclude(exclude: Iterable[str]) -> tuple[str, ...]:
     return exclude
 
 
-def _conv1d_class() -> type | None:
+def _conv1d_class() -> type[nn.Module] | None:
     # Only a model built by transformers can hold its Conv1D, so adarank never imports it.
     module = sys.modules.get("transformers.pytorch_utils")
     return getattr(module, "Conv1D", None)
@@ -190,7 +191,7 @@ def _conv1d_class() -> type | None:
 def _linear_layers(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """Qualified name -> (module, "linear" | "conv1d") for every linear layer of ``model``."""
     conv1d = _conv1d_class()
-    found = {}
+    found: dict[str, tuple[nn.Module, str]] = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if conv1d is not None and isinstance(module, conv1d):
@@ -292,7 +293,7 @@ def _conv1d_proj_type(proj_type: str, shape: Any) -> str:
 def _norm_parameter_ids(model: nn.Module) -> set[int]:
     norms = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
     rms = getattr(nn, "RMSNorm", None)
-    ids = set()
+    ids: set[int] = set()
     for module in model.modules():
         is_norm = isinstance(module, norms) or (rms is not None and isinstance(module, rms))
         if is_norm or "Norm" in type(module).__name__:

@@ -174,9 +174,11 @@ def optimizer_cls_and_kwargs(
     )
     try:  # transformers builds a non-Optimizer class as a factory since its 5.x releases
         from transformers.trainer_optimizer import is_optimizer_factory
+
+        builds_factories = is_optimizer_factory(OptimizerFactory)
     except ImportError:
-        is_optimizer_factory = None
-    if is_optimizer_factory is None or not is_optimizer_factory(OptimizerFactory):
+        builds_factories = False
+    if not builds_factories:
         raise ValueError(
             "this transformers version does not build optimizer factories; pass "
             "Trainer(optimizers=(create_optimizer(model, args), None)) instead"
@@ -234,10 +236,10 @@ class SpectrumCallback(TrainerCallback, ExportableState):
         self.logger_options = logger_options
         self.records = 0  # records written over the whole run, resumes included
         self.record_seconds = 0.0
-        self.logger = None
+        self.logger: SpectrumLogger | None = None
         self._losses: list[torch.Tensor] = []
         self._scaled_losses = False
-        self._hook = None
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
 
     # -- TrainerCallback -------------------------------------------------------------------
 
@@ -250,6 +252,8 @@ class SpectrumCallback(TrainerCallback, ExportableState):
         optimizer: Any = None,
         **kwargs: Any,
     ) -> None:
+        if model is None:
+            raise ValueError("SpectrumCallback needs the Trainer's model (got None)")
         self._move_to_front()
         self._close()
         resuming = state.global_step > 0
@@ -327,7 +331,8 @@ class SpectrumCallback(TrainerCallback, ExportableState):
             self._scaled_losses = kwargs.get("num_items_in_batch") is not None
 
     def _restore_counters(self, state: TrainerState) -> None:
-        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        stored: Any = state.stateful_callbacks or {}
+        saved = stored.get(type(self).__name__)
         if isinstance(saved, list):  # one entry per callback of this class
             saved = next((s for s in saved if s.get("args", {}).get("path") == self.path), None)
         if isinstance(saved, dict):

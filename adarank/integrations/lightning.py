@@ -79,7 +79,7 @@ class SpectrumCallback(pl.Callback):
         self.logger_options = logger_options
         self.records = 0
         self.record_seconds = 0.0
-        self.logger = None
+        self.logger: SpectrumLogger | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._losses: list[torch.Tensor] = []
 
