@@ -635,7 +635,7 @@ def _spectrum_logger(
 ) -> Any:
     if c.spectrum_every <= 0:
         return None
-    from analysis import SpectrumLogger
+    from adarank.analysis import SpectrumLogger
 
     return SpectrumLogger(
         model,

@@ -179,8 +179,8 @@ def test_a_state_over_the_budget_is_cut_at_the_next_step():
 
 
 def test_budget_report_and_the_spectrum_log_record_the_allocation(tmp_path):
-    from analysis.hooks import SpectrumLogger  # noqa: PLC0415
-    from analysis.io import load_log  # noqa: PLC0415
+    from adarank.analysis.hooks import SpectrumLogger  # noqa: PLC0415
+    from adarank.analysis.io import load_log  # noqa: PLC0415
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
