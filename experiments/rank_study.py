@@ -92,7 +92,7 @@ def energy_rank_by_type(
     path: Path, level: str = ENERGY
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The logged steps, and per layer type the mean energy rank at ``level`` at each of them."""
-    from analysis.io import load_log
+    from adarank.analysis.io import load_log
 
     log = load_log(path)
     names: dict[str, list[str]] = {}

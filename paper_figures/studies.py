@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis import LogError, SpectrumLog, load_log
+from adarank.analysis import LogError, SpectrumLog, load_log
 from experiments import rank_study, sweep
 from paper_figures.common import REPO, InputError, shown
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.io import LogWriter
+from adarank.analysis.io import LogWriter
 from experiments import rank_study, sweep
 from paper_figures import build, studies
 
