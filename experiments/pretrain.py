@@ -131,6 +131,9 @@ class TrainConfig:
         default="{}",
         metadata={"help": 'JSON of further low-rank options, e.g. \'{"moments": "reset"}\''},
     )
+    state_budget: str | None = option(
+        "optimizer-state budget of the low-rank optimizers, bytes or e.g. 36MiB (default: none)"
+    )
     vocab_size: int = field(default=8192, metadata={"help": "BPE vocabulary size"})
     max_works: int | None = option("use only the first n works (smoke tests)")
     data_cache: str | None = option(
@@ -197,6 +200,8 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {c.min_lr_ratio}")
         if c.lr <= 0:
             raise ValueError(f"lr must be > 0, got {c.lr}")
+        if c.state_budget is not None and c.optimizer == "adamw":
+            raise ValueError("state_budget is an option of the low-rank optimizers, not adamw")
         extra = json.loads(c.lowrank)
         if not isinstance(extra, dict):
             raise ValueError(f"lowrank must be a JSON object, got {c.lowrank!r}")
@@ -277,6 +282,7 @@ def build_optimizer(model: torch.nn.Module, c: TrainConfig) -> torch.optim.Optim
         betas=(c.beta1, c.beta2),
         weight_decay=c.weight_decay,
         group_options=json.loads(c.lowrank),
+        **({} if c.state_budget is None else {"state_budget": c.state_budget}),
     )
 
 

@@ -246,3 +246,16 @@ def test_spectrum_ema_log_is_written_and_survives_a_resume(
     monkeypatch.setattr(pretrain.GradientEMA, "update", real_update)
     assert pretrain.main(_tiny_args(cache, cut, *extra, "--resume")) == 0
     assert _spectrum_records(cut / "spectrum_ema.jsonl") == ema
+
+
+def test_state_budget_reaches_the_optimizer_and_bounds_its_state(cache: Path) -> None:
+    import adarank.budget
+
+    config = pretrain.config_from_args(
+        _tiny_args(cache, Path("unused"), "--optimizer", "adarank", "--state-budget", "1MiB")
+    )
+    model = pretrain.Decoder(pretrain.get_config("tiny", vocab_size=512))
+    optimizer = pretrain.build_optimizer(model, config)
+    assert optimizer.budget_report()["budget"] == adarank.budget.parse_budget("1MiB") == 2**20
+    with pytest.raises(ValueError, match="state_budget"):
+        pretrain.config_from_args(["--optimizer", "adamw", "--state-budget", "1MiB"])
