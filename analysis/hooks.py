@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -149,7 +149,8 @@ class SpectrumLogger:
         self._pending_step: int | None = None
         self._pending_seconds = 0.0
         self._hook_handle = None
-        if self._layerwise and self._writer is not None:
+        self._index_of: dict[int, int] = {}
+        if isinstance(optimizer, LayerwiseOptimizer) and self._writer is not None:
             self._index_of = {id(param): i for i, (_, param) in enumerate(self._tracked)}
             self._hook_handle = optimizer.register_param_step_hook(self._measure_in_backward)
 
@@ -272,7 +273,7 @@ class SpectrumLogger:
         self, _name: str, param: torch.Tensor, optimizer: torch.optim.Optimizer
     ) -> None:
         """LayerwiseOptimizer hook: measure ``param``'s gradient before its step, if due."""
-        step = self.optimizer.steps
+        step = cast(LayerwiseOptimizer, self.optimizer).steps
         index = self._index_of.get(id(param))
         if step % self.every or index is None:
             return
@@ -296,8 +297,8 @@ class SpectrumLogger:
                 f"SpectrumLogger.record(step={step}): in layer-wise mode gradients are measured "
                 "inside backward, on iterations whose LayerwiseOptimizer.steps is a multiple of "
                 f"every={self.every}, and none were measured for step {step} (the optimizer is "
-                f"at steps={self.optimizer.steps}). Call record(lw.steps) after each backward, "
-                "or use attach()"
+                f"at steps={cast(LayerwiseOptimizer, self.optimizer).steps}). Call "
+                "record(lw.steps) after each backward, or use attach()"
             )
         layers, self._pending, self._pending_step = self._pending, {}, None
         return layers
@@ -338,6 +339,8 @@ class SpectrumLogger:
         """Map the optimizer's parameter keys (group ``param_names`` or global index) to ours."""
         by_id = {id(param): name for name, param in self.model.named_parameters()}
         keys: dict[str, str] = {}
+        if self.optimizer is None:
+            return keys
         index = 0
         for group in self.optimizer.param_groups:
             names = group.get("param_names")
@@ -366,7 +369,7 @@ class SpectrumLogger:
             facts["state_bytes"] = dict(optimizer.state_bytes())
         if getattr(optimizer, "state_budget", None) is not None:
             # The allocation: the ranks are in the layers; the budget and its use here.
-            report = optimizer.budget_report()
+            report = cast(Any, optimizer).budget_report()
             facts["budget"] = {k: report[k] for k in ("budget", "used", "reserved")}
         return facts
 

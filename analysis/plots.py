@@ -16,11 +16,12 @@ import os
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from matplotlib.artist import Artist
 from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
 from matplotlib.legend import Legend
@@ -396,7 +397,7 @@ def overview_figure(log: SpectrumLog, *, measure: str | None = None) -> Figure:
     layers = _representative_layers(log)
     plot_spectra(axes[1, 0], log, layers[0])
     mesh = plot_rank_heatmap(axes[1, 1], log, measure)[0]
-    fig.colorbar(mesh, ax=axes[1, 1], label=measure_label(measure))
+    fig.colorbar(cast(ScalarMappable, mesh), ax=axes[1, 1], label=measure_label(measure))
     _suptitle(fig, log, "Gradient rank over training")
     return fig
 
@@ -435,7 +436,7 @@ def heatmap_figure(log: SpectrumLog, *, measure: str | None = None) -> Figure:
     fig = Figure(figsize=(9, 2.2 + 0.18 * min(len(log.layer_names), 40)), layout="constrained")
     ax = fig.subplots()
     mesh = plot_rank_heatmap(ax, log, measure)[0]
-    fig.colorbar(mesh, ax=ax, label=measure_label(measure))
+    fig.colorbar(cast(ScalarMappable, mesh), ax=ax, label=measure_label(measure))
     _suptitle(fig, log, "Rank by layer")
     return fig
 
