@@ -86,7 +86,11 @@ class ConsumedGrad(torch.Tensor):
     @staticmethod
     def __new__(cls, like: torch.Tensor, name: str) -> ConsumedGrad:
         marker = torch.Tensor._make_wrapper_subclass(
-            cls, like.shape, strides=like.stride(), dtype=like.dtype, device=like.device,
+            cls,
+            like.shape,
+            strides=like.stride(),
+            dtype=like.dtype,
+            device=like.device,
             requires_grad=False,
         )
         marker.param_name = name
@@ -96,8 +100,10 @@ class ConsumedGrad(torch.Tensor):
         pass
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
-        return (f"ConsumedGrad(param_name={self.param_name!r}, shape={tuple(self.shape)}, "
-                f"dtype={self.dtype})")
+        return (
+            f"ConsumedGrad(param_name={self.param_name!r}, shape={tuple(self.shape)}, "
+            f"dtype={self.dtype})"
+        )
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
@@ -139,8 +145,9 @@ class LayerwiseOptimizer:
         names_by_id = {id(p): n for n, p in model.named_parameters()}
         if groups is None:
             trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            groups = [{"params": [p for _, p in trainable],
-                       "param_names": [n for n, _ in trainable]}]
+            groups = [
+                {"params": [p for _, p in trainable], "param_names": [n for n, _ in trainable]}
+            ]
         self.optimizers: dict[str, Optimizer] = {}
         self.steps = 0
         self._params: dict[str, torch.Tensor] = {}
@@ -174,8 +181,9 @@ class LayerwiseOptimizer:
                 opt = optimizer_factory([{**options, "params": [p], "param_names": [name]}])
                 self.optimizers[name] = opt
                 self._params[name] = p
-                self._handles.append(p.register_post_accumulate_grad_hook(
-                    self._make_hook(name, opt)))
+                self._handles.append(
+                    p.register_post_accumulate_grad_hook(self._make_hook(name, opt))
+                )
         if not self.optimizers:
             raise ValueError("layerwise: no trainable parameters to step")
 
@@ -299,8 +307,12 @@ class LayerwiseOptimizer:
             if callable(fn):
                 part = fn()
             else:
-                other = sum(v.numel() * v.element_size() for st in opt.state.values()
-                            for v in st.values() if isinstance(v, torch.Tensor))
+                other = sum(
+                    v.numel() * v.element_size()
+                    for st in opt.state.values()
+                    for v in st.values()
+                    if isinstance(v, torch.Tensor)
+                )
                 part = {"other": other, "total": other}
             for kind, nbytes in part.items():
                 out[kind] = out.get(kind, 0) + nbytes
@@ -311,8 +323,10 @@ class LayerwiseOptimizer:
     def state_dict(self) -> dict[str, Any]:
         """``{"optimizers": {name: opt.state_dict()}, "steps": int}``; loads with
         ``torch.load(weights_only=True)`` when each optimizer's state does."""
-        return {"optimizers": {n: opt.state_dict() for n, opt in self.optimizers.items()},
-                "steps": self.steps}
+        return {
+            "optimizers": {n: opt.state_dict() for n, opt in self.optimizers.items()},
+            "steps": self.steps,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict()``; the parameter names must match exactly."""
@@ -335,8 +349,11 @@ def _refuse_data_parallel(model: nn.Module) -> None:
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     if world > 1 or ddp:
-        where = "a DistributedDataParallel model" if ddp else (
-            f"a torch.distributed job of {world} processes")
+        where = (
+            "a DistributedDataParallel model"
+            if ddp
+            else (f"a torch.distributed job of {world} processes")
+        )
         raise ValueError(
             f"layerwise: refused for {where}. Layer-wise mode steps each parameter in its "
             "post-accumulate-grad hook, which fires before DDP all-reduces (or FSDP2 "

@@ -247,8 +247,14 @@ def quantize(
     codes = codes.reshape(-1)[: x.numel()]
     # Pack, or copy out of the padded buffer so a checkpoint holds numel bytes.
     codes = _pack_int4(codes) if bits == 4 else codes.clone()
-    return {"codes": codes, "scale": scale, "zero": zero, "bits": bits,
-            "group_size": group_size, "shape": tuple(x.shape)}
+    return {
+        "codes": codes,
+        "scale": scale,
+        "zero": zero,
+        "bits": bits,
+        "group_size": group_size,
+        "shape": tuple(x.shape),
+    }
 
 
 def _codes_of(q: Mapping[str, Any]) -> torch.Tensor:
@@ -259,7 +265,10 @@ def _codes_of(q: Mapping[str, Any]) -> torch.Tensor:
 
 
 def _dequantize_codes(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
     shape: tuple[int, ...] | torch.Size,
 ) -> torch.Tensor:
     numel = codes.numel()
@@ -289,8 +298,10 @@ def dequantize(q: Mapping[str, Any]) -> torch.Tensor:
     numel = math.prod(shape)
     groups = -(-numel // q["group_size"])
     expected_bytes = numel if q["bits"] == 8 else -(-numel // 2)
-    if q["codes"].numel() != expected_bytes or q["scale"].numel() != groups or (
-        q["zero"].numel() != groups
+    if (
+        q["codes"].numel() != expected_bytes
+        or q["scale"].numel() != groups
+        or (q["zero"].numel() != groups)
     ):
         raise ValueError(
             f"dequantize: shape {shape} with bits={q['bits']}, group_size={q['group_size']} "
@@ -345,8 +356,14 @@ def is_int8_weight(p: torch.Tensor) -> TypeGuard[Int8Weight]:
 
 _aten = torch.ops.aten
 # Factories that read only the weight's shape, dtype and device, never its values.
-_LIKE = {_aten.empty_like.default, _aten.zeros_like.default, _aten.ones_like.default,
-         _aten.full_like.default, _aten.rand_like.default, _aten.randn_like.default}
+_LIKE = {
+    _aten.empty_like.default,
+    _aten.zeros_like.default,
+    _aten.ones_like.default,
+    _aten.full_like.default,
+    _aten.rand_like.default,
+    _aten.randn_like.default,
+}
 
 
 class Int8Weight(torch.Tensor):
@@ -395,25 +412,43 @@ class Int8Weight(torch.Tensor):
 
     @staticmethod
     def __new__(
-        cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, *,
-        dtype: torch.dtype = torch.float32, requires_grad: bool = False,
+        cls,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        group_size: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        requires_grad: bool = False,
     ) -> Int8Weight:
         return torch.Tensor._make_wrapper_subclass(
-            cls, codes.shape, strides=codes.stride(), dtype=dtype, device=codes.device,
+            cls,
+            codes.shape,
+            strides=codes.stride(),
+            dtype=dtype,
+            device=codes.device,
             requires_grad=requires_grad,
         )
 
     def __init__(
-        self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, *,
-        dtype: torch.dtype = torch.float32, requires_grad: bool = False,
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        group_size: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        requires_grad: bool = False,
     ) -> None:
         groups = -(-codes.numel() // group_size)
         if codes.dtype != torch.int8 or not codes.is_contiguous():
             raise ValueError(f"Int8Weight: codes must be contiguous torch.int8, got {codes.dtype}")
         if not dtype.is_floating_point:
             raise ValueError(f"Int8Weight: dtype must be floating, got {dtype}")
-        if scale.shape != (groups,) or zero.shape != (groups,) or (
-            scale.dtype != torch.float32 or zero.dtype != torch.float32
+        if (
+            scale.shape != (groups,)
+            or zero.shape != (groups,)
+            or (scale.dtype != torch.float32 or zero.dtype != torch.float32)
         ):
             raise ValueError(
                 f"Int8Weight: {tuple(codes.shape)} codes in groups of {group_size} need float32 "
@@ -424,20 +459,28 @@ class Int8Weight(torch.Tensor):
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight ``zero + scale·(code + 128)`` per group, a new tensor."""
-        return _dequantize_codes(_from_int8(self.codes), self.scale, self.zero, self.group_size,
-                                 self.shape)
+        return _dequantize_codes(
+            _from_int8(self.codes), self.scale, self.zero, self.group_size, self.shape
+        )
 
     def stored_bytes(self) -> int:
         """Bytes this weight holds: codes, scales and zeros (the wrapper holds none)."""
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
-        return (f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, "
-                f"device={self.device}, group_size={self.group_size}, "
-                f"requires_grad={self.requires_grad})")
+        return (
+            f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, "
+            f"device={self.device}, group_size={self.group_size}, "
+            f"requires_grad={self.requires_grad})"
+        )
 
-    def _with(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-              dtype: torch.dtype | None = None) -> Int8Weight:
+    def _with(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        dtype: torch.dtype | None = None,
+    ) -> Int8Weight:
         return Int8Weight(codes, scale, zero, self.group_size, dtype=dtype or self.dtype)
 
     @classmethod
@@ -457,8 +500,7 @@ class Int8Weight(torch.Tensor):
                 return w._with(w.codes.to(device), w.scale.to(device), w.zero.to(device), dtype)
         if func in _LIKE:
             w = args[0]
-            return func(torch.empty(w.shape, dtype=w.dtype, device=w.device), *args[1:],
-                        **kwargs)
+            return func(torch.empty(w.shape, dtype=w.dtype, device=w.device), *args[1:], **kwargs)
         if func is _aten.copy_.default and isinstance(args[0], Int8Weight):
             dst, src = args[0], args[1]
             W = src.dequantized() if isinstance(src, Int8Weight) else src
@@ -483,7 +525,10 @@ class Int8Weight(torch.Tensor):
 
 @torch.no_grad()
 def requantize_(
-    p: torch.Tensor, W: torch.Tensor, *, stochastic: bool = True,
+    p: torch.Tensor,
+    W: torch.Tensor,
+    *,
+    stochastic: bool = True,
     generator: torch.Generator | None = None,
 ) -> None:
     """Store the float weight ``W`` into the INT8 weight ``p``: ``p ← Q(W)``, in place.
@@ -606,9 +651,18 @@ class Int8Linear(nn.Module):
         groups = -(-(in_features * out_features) // group_size)
         codes = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         # nn.Parameter of an Int8Weight is that Int8Weight, flagged as a parameter.
-        self.weight = cast(Int8Weight, nn.Parameter(Int8Weight(
-            codes, torch.zeros(groups, device=device), torch.zeros(groups, device=device),
-            group_size, dtype=dtype or torch.float32)))
+        self.weight = cast(
+            Int8Weight,
+            nn.Parameter(
+                Int8Weight(
+                    codes,
+                    torch.zeros(groups, device=device),
+                    torch.zeros(groups, device=device),
+                    group_size,
+                    dtype=dtype or torch.float32,
+                )
+            ),
+        )
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         else:
@@ -659,14 +713,27 @@ class Int8Linear(nn.Module):
         destination[prefix + "weight_zero"] = w.zero
 
     def _load_from_state_dict(  # noqa: ANN001
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        self,
+        state_dict,
+        prefix,
+        local_metadata,
+        strict,
+        missing_keys,
+        unexpected_keys,
         error_msgs,
     ) -> None:
         weight = self.weight
         self._parameters["weight"] = None  # nn.Module loads the bias; the weight is ours
         try:
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                          missing_keys, unexpected_keys, error_msgs)
+            super()._load_from_state_dict(
+                state_dict,
+                prefix,
+                local_metadata,
+                strict,
+                missing_keys,
+                unexpected_keys,
+                error_msgs,
+            )
         finally:
             self._parameters["weight"] = weight  # type: ignore[assignment]
         keys = {name: prefix + name for name in ("weight", "weight_scale", "weight_zero")}
@@ -675,10 +742,13 @@ class Int8Linear(nn.Module):
         if absent:
             missing_keys.extend(absent)
             return
-        codes, scale, zero = (state_dict[keys[n]] for n in ("weight", "weight_scale",
-                                                            "weight_zero"))
-        if codes.dtype != torch.int8 or codes.shape != weight.shape or (
-            scale.shape != weight.scale.shape or zero.shape != weight.zero.shape
+        codes, scale, zero = (
+            state_dict[keys[n]] for n in ("weight", "weight_scale", "weight_zero")
+        )
+        if (
+            codes.dtype != torch.int8
+            or codes.shape != weight.shape
+            or (scale.shape != weight.scale.shape or zero.shape != weight.zero.shape)
         ):
             error_msgs.append(
                 f"{prefix}weight: an Int8Linear needs int8 codes of shape {tuple(weight.shape)} "
@@ -695,15 +765,25 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, group_size: int = 256, *, stochastic: bool = False,
+        cls,
+        linear: nn.Linear,
+        group_size: int = 256,
+        *,
+        stochastic: bool = False,
         generator: torch.Generator | None = None,
     ) -> Int8Linear:
         """An ``Int8Linear`` holding ``linear``'s weight quantised (nearest rounding by
         default) and a copy of its bias, on the same device; the weight stands for
         ``linear.weight``'s dtype and requires grad as it does."""
         weight = linear.weight.detach()
-        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                     group_size=group_size, device=weight.device, dtype=weight.dtype)
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            group_size=group_size,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         module.set_weight_(weight, stochastic=stochastic, generator=generator)
         module.weight.requires_grad_(linear.weight.requires_grad)
         if linear.bias is not None:
@@ -717,7 +797,10 @@ class Int8Linear(nn.Module):
         return self.weight.dequantized()
 
     def set_weight_(
-        self, W: torch.Tensor, *, stochastic: bool = True,
+        self,
+        W: torch.Tensor,
+        *,
+        stochastic: bool = True,
         generator: torch.Generator | None = None,
     ) -> None:
         """Re-quantise the layer to ``W`` (float, ``out_features × in_features``) with
@@ -730,7 +813,10 @@ class Int8Linear(nn.Module):
         requantize_(self.weight, W, stochastic=stochastic, generator=generator)
 
     def apply_update_(
-        self, delta: torch.Tensor, generator: torch.Generator | None = None, *,
+        self,
+        delta: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
         stochastic: bool = True,
     ) -> None:
         """``W ← Q(Ŵ + delta)``: dequantise, add the float32 ``delta`` (m×n, already
@@ -752,12 +838,17 @@ class Int8Linear(nn.Module):
         return _Int8LinearFunction.apply(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, group_size={self.group_size}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, group_size={self.group_size}"
+        )
 
 
 def quantize_linears(
-    model: nn.Module, *, exclude: Iterable[str] = ("embed", "lm_head"), group_size: int = 256,
+    model: nn.Module,
+    *,
+    exclude: Iterable[str] = ("embed", "lm_head"),
+    group_size: int = 256,
 ) -> list[str]:
     """Replace, in place, every trainable ``nn.Linear`` of ``model`` whose qualified
     name contains none of the ``exclude`` substrings by ``Int8Linear.from_linear``.
@@ -782,8 +873,11 @@ def quantize_linears(
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
     targets = [
-        (name, module) for name, module in model.named_modules()
-        if type(module) is nn.Linear and name and module.weight.requires_grad
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear
+        and name
+        and module.weight.requires_grad
         and not any(x in name for x in exclude)
     ]
     for name, module in targets:

@@ -118,8 +118,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         "each cell: first/last/min over the logged steps; E<η>: energy rank, the fewest singular "
         "values holding a fraction η of ‖G‖_F²; '-': not logged"
     )
-    return "\n".join([intro, rule, line(header), rule, *map(line, rows[:-1]), rule,
-                      line(rows[-1]), "", note])
+    return "\n".join(
+        [intro, rule, line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), "", note]
+    )
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -160,8 +161,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
     log = _load(args.log)
     _check_measure(log, args.measure)
-    for path in write_plots(log, args.out, fmt=args.format, measure=args.measure,
-                            steps=args.steps):
+    for path in write_plots(log, args.out, fmt=args.format, measure=args.measure, steps=args.steps):
         print(path)
     return 0
 
@@ -174,8 +174,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise LogError(f"--labels gives {len(args.labels)} names for {len(logs)} logs")
     for log in logs:
         _check_measure(log, args.measure)
-    for path in write_comparison(logs, args.out, fmt=args.format, labels=args.labels,
-                                 measure=args.measure):
+    for path in write_comparison(
+        logs, args.out, fmt=args.format, labels=args.labels, measure=args.measure
+    ):
         print(path)
     return 0
 
@@ -184,8 +185,14 @@ def _cmd_record(args: argparse.Namespace) -> int:
     from adarank.analysis.demo import DemoConfig, train
 
     config = DemoConfig(
-        optimizer=args.optimizer, steps=args.steps, every=args.every, lr=args.lr,
-        rank=args.rank, update_gap=args.update_gap, eta=args.eta, seed=args.seed,
+        optimizer=args.optimizer,
+        steps=args.steps,
+        every=args.every,
+        lr=args.lr,
+        rank=args.rank,
+        update_gap=args.update_gap,
+        eta=args.eta,
+        seed=args.seed,
     )
     result = train(config, args.out)
     logging = result["record_seconds"]
@@ -221,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     summary = commands.add_parser(
-        "summary", help="table of first/last/min rank per layer and measure",
+        "summary",
+        help="table of first/last/min rank per layer and measure",
         description="Print, for every logged layer and every rank measure (stable, effective, "
         "energy ranks, the optimizer's rank), its first, last and minimum value over the run.",
     )
@@ -231,48 +239,71 @@ def build_parser() -> argparse.ArgumentParser:
 
     formats = ("png", "pdf", "svg")
     plot = commands.add_parser(
-        "plot", help="figures of one run",
+        "plot",
+        help="figures of one run",
         description="Write overview (the rank-decay figure), spectra, ranks (per layer and by "
         "layer type), heatmap (layer x step) and captured (captured gradient norm) to DIR.",
     )
     plot.add_argument("log", metavar="LOG", help="spectrum log (.jsonl)")
     plot.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     plot.add_argument("--format", choices=formats, default="png", help="file format (png)")
-    plot.add_argument("--measure", help="rank measure to plot, e.g. energy_rank_0.99, "
-                      "stable_rank (default: energy_rank_0.9)")
-    plot.add_argument("--steps", type=int, nargs="+", metavar="STEP",
-                      help="steps whose spectra to draw (default: 5 evenly spaced)")
+    plot.add_argument(
+        "--measure",
+        help="rank measure to plot, e.g. energy_rank_0.99, stable_rank (default: energy_rank_0.9)",
+    )
+    plot.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        metavar="STEP",
+        help="steps whose spectra to draw (default: 5 evenly spaced)",
+    )
     plot.set_defaults(run=_cmd_plot)
 
     compare = commands.add_parser(
-        "compare", help="several runs on the same axes",
+        "compare",
+        help="several runs on the same axes",
         description="Write compare (gradient rank, optimizer rank, captured norm and loss, one "
         "line per run) and compare_by_type (one panel per layer type) to DIR.",
     )
     compare.add_argument("logs", nargs="+", metavar="LOG", help="spectrum logs, one per run")
     compare.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    compare.add_argument("--labels", nargs="+", metavar="NAME",
-                         help="run names, one per LOG (default: each log's run name)")
+    compare.add_argument(
+        "--labels",
+        nargs="+",
+        metavar="NAME",
+        help="run names, one per LOG (default: each log's run name)",
+    )
     compare.add_argument("--format", choices=formats, default="png", help="file format (png)")
     compare.add_argument("--measure", help="rank measure to compare (default: energy_rank_0.9)")
     compare.set_defaults(run=_cmd_compare)
 
     record = commands.add_parser(
-        "record", help="train a small built-in model on CPU and log its spectra",
+        "record",
+        help="train a small built-in model on CPU and log its spectra",
         description="Train a 2-block LLaMA-style character-level language model (0.4M "
         "parameters) on Python's own documentation text, logging gradient spectra to LOG, and "
         "report the time spent logging. 300 steps take about 10-20 s on 2 CPU cores.",
     )
     record.add_argument("--out", required=True, metavar="LOG", help="log file to write")
-    record.add_argument("--optimizer", choices=("adamw", "galore", "adarank"), default="adarank",
-                        help="torch AdamW, GaLore (fixed rank) or AdaRankAdamW (default)")
+    record.add_argument(
+        "--optimizer",
+        choices=("adamw", "galore", "adarank"),
+        default="adarank",
+        help="torch AdamW, GaLore (fixed rank) or AdaRankAdamW (default)",
+    )
     record.add_argument("--steps", type=_positive, default=300, help="training steps (300)")
     record.add_argument("--every", type=_positive, default=10, help="log every N steps (10)")
     record.add_argument("--lr", type=float, help="learning rate (3e-3 adamw, 1e-2 otherwise)")
-    record.add_argument("--rank", type=_positive, default=16,
-                        help="GaLore rank; AdaRankAdamW's max_rank is 4x this (16)")
-    record.add_argument("--update-gap", type=_positive, default=50,
-                        help="steps between subspace refreshes, T (50)")
+    record.add_argument(
+        "--rank",
+        type=_positive,
+        default=16,
+        help="GaLore rank; AdaRankAdamW's max_rank is 4x this (16)",
+    )
+    record.add_argument(
+        "--update-gap", type=_positive, default=50, help="steps between subspace refreshes, T (50)"
+    )
     record.add_argument("--eta", type=float, default=0.9, help="AdaRankAdamW energy η (0.9)")
     record.add_argument("--seed", type=int, default=0, help="seed of weights and batches (0)")
     record.set_defaults(run=_cmd_record)

@@ -63,8 +63,10 @@ class _Block(nn.Module):
         self.n_heads = n_heads
         self.input_norm = nn.RMSNorm(d_model)
         self.self_attn = nn.ModuleDict(
-            {name: nn.Linear(d_model, d_model, bias=False) for name in ("q_proj", "k_proj",
-                                                                        "v_proj", "o_proj")}
+            {
+                name: nn.Linear(d_model, d_model, bias=False)
+                for name in ("q_proj", "k_proj", "v_proj", "o_proj")
+            }
         )
         self.mlp_norm = nn.RMSNorm(d_model)
         self.mlp = nn.ModuleDict(
@@ -160,7 +162,11 @@ def _train(config: DemoConfig, log_path: str | Path) -> dict[str, float]:
         "demo_config": {**config.__dict__, "vocab_size": len(vocab)},
     }
     logger = SpectrumLogger(
-        model, log_path, every=config.every, optimizer=optimizer, run_name=config.optimizer,
+        model,
+        log_path,
+        every=config.every,
+        optimizer=optimizer,
+        run_name=config.optimizer,
         meta=meta,
     )
     losses: list[float] = []
@@ -168,8 +174,9 @@ def _train(config: DemoConfig, log_path: str | Path) -> dict[str, float]:
     started = time.perf_counter()
     with logger:
         for step in range(config.steps):
-            starts = torch.randint(len(data) - config.seq_len - 1, (config.batch_size,),
-                                   generator=batches)
+            starts = torch.randint(
+                len(data) - config.seq_len - 1, (config.batch_size,), generator=batches
+            )
             window = torch.stack([data[s : s + config.seq_len + 1] for s in starts.tolist()])
             logits = model(window[:, :-1])
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))

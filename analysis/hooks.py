@@ -466,8 +466,11 @@ def _describe_optimizer(optimizer: torch.optim.Optimizer | None) -> dict[str, An
             "class": type(optimizer).__name__,
             "module": type(optimizer).__module__,
             "inner_class": inner["class"],
-            "groups": [group for opt in optimizer.optimizers.values()
-                       for group in _describe_optimizer(opt)["groups"]],
+            "groups": [
+                group
+                for opt in optimizer.optimizers.values()
+                for group in _describe_optimizer(opt)["groups"]
+            ],
         }
     skip = ("params", "param_names")
     groups = []

@@ -294,8 +294,7 @@ def _check_header(path: Path, header: dict[str, Any]) -> None:
         if matrix is not None and not (
             isinstance(matrix, list) and len(matrix) == 2 and all(map(count, matrix))
         ):
-            fail(f"the matrix_shape of layer {name!r}", "a pair of non-negative integers",
-                 matrix)
+            fail(f"the matrix_shape of layer {name!r}", "a pair of non-negative integers", matrix)
 
 
 def _to_arrays(path: str, header: dict[str, Any], records: list[dict[str, Any]]) -> SpectrumLog:

@@ -34,7 +34,6 @@ __all__ = [
 ]
 
 
-
 def _as_float64(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # a torch tensor, without importing torch here
         x = x.detach().to("cpu").double().numpy()

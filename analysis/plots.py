@@ -138,16 +138,18 @@ def _marker(log: SpectrumLog) -> dict[str, Any]:
     return {"marker": "o", "markersize": 3.5} if len(log.steps) <= 20 else {}
 
 
-def _legend_above(ax: Axes, *args: Any, ncol: int, title: str | None = None,
-                  **kwargs: Any) -> Legend:
+def _legend_above(
+    ax: Axes, *args: Any, ncol: int, title: str | None = None, **kwargs: Any
+) -> Legend:
     """A legend across the top of ``ax``, the y range raised (from 0) so it hides no data."""
     handles = args[0] if args else ax.get_legend_handles_labels()[0]
     rows = -(-len(handles) // ncol) + (title is not None)
     covered = min(0.5, 0.05 + 0.06 * rows)  # fraction of the axes height the legend takes
     top = ax.dataLim.y1 if np.isfinite(ax.dataLim.y1) else 1.0
     ax.set_ylim(0, 1.04 * top / (1 - covered))
-    return ax.legend(*args, loc="upper center", ncol=ncol, title=title, fontsize=8,
-                     title_fontsize=8, **kwargs)
+    return ax.legend(
+        *args, loc="upper center", ncol=ncol, title=title, fontsize=8, title_fontsize=8, **kwargs
+    )
 
 
 def _style(ax: Axes, xlabel: str, ylabel: str, title: str) -> None:
@@ -185,13 +187,20 @@ def plot_spectra(
         values = np.where(sv[row] > 0, sv[row], np.nan)
         color = _STEP_CMAP(order / max(len(picks) - 1, 1))
         (line,) = ax.plot(
-            np.arange(1, len(values) + 1), values, color=color, linewidth=1.6,
+            np.arange(1, len(values) + 1),
+            values,
+            color=color,
+            linewidth=1.6,
             label=f"step {log.steps[row]}",
         )
         artists.append(line)
     ax.set_yscale("log")
-    _style(ax, "index i", r"singular value $\sigma_i$",
-           f"{short_name(layer)} ({log.layer_type(layer)})")
+    _style(
+        ax,
+        "index i",
+        r"singular value $\sigma_i$",
+        f"{short_name(layer)} ({log.layer_type(layer)})",
+    )
     artists.append(ax.legend(fontsize=8, title="gradient at", title_fontsize=8))
     return artists
 
@@ -206,19 +215,29 @@ def plot_rank_trajectories(
     legend: dict[str, Line2D] = {}
     for name in names:
         kind = log.layer_type(name)
-        (line,) = ax.plot(log.steps, log.stack(measure, [name])[0], color=colors[kind],
-                          linewidth=1.1, alpha=0.75, **_marker(log))
+        (line,) = ax.plot(
+            log.steps,
+            log.stack(measure, [name])[0],
+            color=colors[kind],
+            linewidth=1.1,
+            alpha=0.75,
+            **_marker(log),
+        )
         artists.append(line)
         legend.setdefault(kind, line)
     _style(ax, "step", measure_label(measure), f"{measure_label(measure)}, per layer")
     kinds = sorted(legend, key=type_sort_key)
-    artists.append(_legend_above(ax, [legend[k] for k in kinds], kinds, ncol=4,
-                                 title="layer type"))
+    artists.append(_legend_above(ax, [legend[k] for k in kinds], kinds, ncol=4, title="layer type"))
     return artists
 
 
 def plot_rank_by_type(
-    ax: Axes, log: SpectrumLog, measure: str, *, band: bool = True, linestyle: str = "-",
+    ax: Axes,
+    log: SpectrumLog,
+    measure: str,
+    *,
+    band: bool = True,
+    linestyle: str = "-",
     legend: bool = True,
 ) -> list[Artist]:
     """Mean of ``measure`` over the layers of each type against step; min-max band shaded."""
@@ -230,18 +249,33 @@ def plot_rank_by_type(
         values = log.stack(measure, names)
         if not np.isfinite(values).any():
             continue
-        (line,) = ax.plot(log.steps, _nanmean(values), color=colors[kind], linewidth=1.8,
-                          linestyle=linestyle, label=f"{kind} ({len(names)})", **_marker(log))
+        (line,) = ax.plot(
+            log.steps,
+            _nanmean(values),
+            color=colors[kind],
+            linewidth=1.8,
+            linestyle=linestyle,
+            label=f"{kind} ({len(names)})",
+            **_marker(log),
+        )
         lines.append(line)
         artists.append(line)
         if band and len(names) > 1:
             low, high = _nanextreme(values)
-            artists.append(ax.fill_between(log.steps, low, high, color=colors[kind], alpha=0.12,
-                                           linewidth=0))
+            artists.append(
+                ax.fill_between(log.steps, low, high, color=colors[kind], alpha=0.12, linewidth=0)
+            )
     _style(ax, "step", measure_label(measure), f"{measure_label(measure)}, mean by layer type")
     if legend and lines:
-        artists.append(_legend_above(ax, lines, [line.get_label() for line in lines], ncol=4,
-                                     title="layer type (number of layers)"))
+        artists.append(
+            _legend_above(
+                ax,
+                lines,
+                [line.get_label() for line in lines],
+                ncol=4,
+                title="layer type (number of layers)",
+            )
+        )
     return artists
 
 
@@ -249,18 +283,31 @@ def plot_measures(ax: Axes, log: SpectrumLog) -> list[Artist]:
     """Every rank measure averaged over layers; the optimizer's rank dashed, when logged."""
     measures = [q for q in log.quantities if q.startswith("energy_rank_")]
     measures += ["effective_rank", "stable_rank"]
-    shades = dict(zip(measures, ("#08306b", "#2171b5", "#6baed6", "#238b45", "#74c476"),
-                      strict=False))
+    shades = dict(
+        zip(measures, ("#08306b", "#2171b5", "#6baed6", "#238b45", "#74c476"), strict=False)
+    )
     artists: list[Artist] = []
     for measure in measures:
         if _has(log, measure):
-            (line,) = ax.plot(log.steps, _nanmean(log.stack(measure)), linewidth=1.8,
-                              color=shades.get(measure, "#999999"), label=measure_label(measure),
-                              **_marker(log))
+            (line,) = ax.plot(
+                log.steps,
+                _nanmean(log.stack(measure)),
+                linewidth=1.8,
+                color=shades.get(measure, "#999999"),
+                label=measure_label(measure),
+                **_marker(log),
+            )
             artists.append(line)
     if _has(log, "optimizer_rank"):
-        (line,) = ax.plot(log.steps, _nanmean(log.stack("optimizer_rank")), color="black",
-                          linewidth=2.0, linestyle="--", label="optimizer's rank", **_marker(log))
+        (line,) = ax.plot(
+            log.steps,
+            _nanmean(log.stack("optimizer_rank")),
+            color="black",
+            linewidth=2.0,
+            linestyle="--",
+            label="optimizer's rank",
+            **_marker(log),
+        )
         artists.append(line)
     _style(ax, "step", "rank (mean over layers)", "gradient rank measures, mean over layers")
     artists.append(_legend_above(ax, ncol=2))
@@ -281,8 +328,9 @@ def plot_rank_heatmap(ax: Axes, log: SpectrumLog, measure: str) -> list[Artist]:
     else:
         edges = np.array([steps[0] - 0.5, steps[0] + 0.5])
     cmap = _STEP_CMAP.with_extremes(bad="#dddddd")
-    mesh = ax.pcolormesh(edges, np.arange(len(log.layer_names) + 1), values, cmap=cmap,
-                         shading="flat")
+    mesh = ax.pcolormesh(
+        edges, np.arange(len(log.layer_names) + 1), values, cmap=cmap, shading="flat"
+    )
     ax.set_ylim(len(log.layer_names), 0)
     names = [short_name(name) for name in log.layer_names]
     every = max(1, int(np.ceil(len(names) / 40)))  # at most ~40 readable labels
@@ -321,21 +369,44 @@ def plot_captured_energy(
         for kind, names in groups.items():
             values = log.stack("captured_energy", names)
             if np.isfinite(values).any():
-                (line,) = ax.plot(log.steps, _nanmean(values), color=colors[kind], linewidth=1.0,
-                                  alpha=0.8, label=kind, **_marker(log))
+                (line,) = ax.plot(
+                    log.steps,
+                    _nanmean(values),
+                    color=colors[kind],
+                    linewidth=1.0,
+                    alpha=0.8,
+                    label=kind,
+                    **_marker(log),
+                )
                 artists.append(line)
-        (line,) = ax.plot(log.steps, _nanmean(log.stack("captured_energy")), color="black",
-                          linewidth=2.2, label="mean over layers", **_marker(log))
+        (line,) = ax.plot(
+            log.steps,
+            _nanmean(log.stack("captured_energy")),
+            color="black",
+            linewidth=2.2,
+            label="mean over layers",
+            **_marker(log),
+        )
         artists.append(line)
         best = [
-            _top_fraction(layer.get("sv", np.zeros((len(log.steps), 0))), layer["fro_norm"],
-                          layer.get("optimizer_rank", np.full(len(log.steps), np.nan)))
+            _top_fraction(
+                layer.get("sv", np.zeros((len(log.steps), 0))),
+                layer["fro_norm"],
+                layer.get("optimizer_rank", np.full(len(log.steps), np.nan)),
+            )
             for layer in log.layers.values()
             if "fro_norm" in layer
         ]
         if best and np.isfinite(best).any():
-            (line,) = ax.plot(log.steps, _nanmean(np.stack(best)), color="black", linewidth=1.8,
-                              linestyle=":", label="best at same rank (mean)", **_marker(log))
+            (line,) = ax.plot(
+                log.steps,
+                _nanmean(np.stack(best)),
+                color="black",
+                linewidth=1.8,
+                linestyle=":",
+                label="best at same rank (mean)",
+                **_marker(log),
+            )
             artists.append(line)
         title = "captured gradient norm by the optimizer's subspace"
     else:
@@ -346,10 +417,14 @@ def plot_captured_energy(
                 if "sv" in layer and "fro_norm" in layer
             ]
             if best:
-                (line,) = ax.plot(log.steps, _nanmean(np.stack(best)), linewidth=1.8,
-                                  color=_STEP_CMAP(order / max(len(ranks) - 1, 1)),
-                                  label=f"top {r} direction{'s' if r > 1 else ''}",
-                                  **_marker(log))
+                (line,) = ax.plot(
+                    log.steps,
+                    _nanmean(np.stack(best)),
+                    linewidth=1.8,
+                    color=_STEP_CMAP(order / max(len(ranks) - 1, 1)),
+                    label=f"top {r} direction{'s' if r > 1 else ''}",
+                    **_marker(log),
+                )
                 artists.append(line)
         title = "gradient norm captured by the top singular directions"
     _style(ax, "step", r"fraction of $\|G\|_F$ captured", title)
@@ -369,8 +444,11 @@ def _check_records(log: SpectrumLog) -> None:
 
 def _suptitle(fig: Figure, log: SpectrumLog, what: str) -> None:
     model = (log.header.get("model") or {}).get("class", "model")
-    fig.suptitle(f"{what} — run {log.label!r} ({model}, {len(log.layer_names)} matrices, "
-                 f"steps {log.steps[0]}–{log.steps[-1]})", fontsize=12)
+    fig.suptitle(
+        f"{what} — run {log.label!r} ({model}, {len(log.layer_names)} matrices, "
+        f"steps {log.steps[0]}–{log.steps[-1]})",
+        fontsize=12,
+    )
 
 
 def _representative_layers(log: SpectrumLog) -> list[str]:
@@ -386,13 +464,15 @@ def overview_figure(log: SpectrumLog, *, measure: str | None = None) -> Figure:
     axes = fig.subplots(2, 2)
     if _has(log, "optimizer_rank"):
         # Dashed first, so the legend (drawn by the solid call) makes room for both.
-        plot_rank_by_type(axes[0, 0], log, "optimizer_rank", band=False, linestyle="--",
-                          legend=False)
+        plot_rank_by_type(
+            axes[0, 0], log, "optimizer_rank", band=False, linestyle="--", legend=False
+        )
     plot_rank_by_type(axes[0, 0], log, measure)
     if _has(log, "optimizer_rank"):
         axes[0, 0].set_ylabel("rank (mean over the type's layers)")
-        axes[0, 0].set_title(f"{measure_label(measure)} (solid) and optimizer's rank (dashed)",
-                             fontsize=11)
+        axes[0, 0].set_title(
+            f"{measure_label(measure)} (solid) and optimizer's rank (dashed)", fontsize=11
+        )
     plot_measures(axes[0, 1], log)
     layers = _representative_layers(log)
     plot_spectra(axes[1, 0], log, layers[0])
@@ -412,7 +492,7 @@ def spectra_figure(log: SpectrumLog, *, steps: Sequence[int] | None = None) -> F
     axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False).ravel())
     for ax, layer in zip(axes, layers, strict=False):
         plot_spectra(ax, log, layer, steps=steps)
-    for ax in axes[len(layers):]:
+    for ax in axes[len(layers) :]:
         ax.set_visible(False)
     _suptitle(fig, log, "Gradient singular values")
     return fig
@@ -459,11 +539,18 @@ def _comparison_inputs(
     return labels, measure or default_measure(logs[0])
 
 
-def _plot_run(ax: Axes, log: SpectrumLog, index: int, y: np.ndarray, label: str,
-              linewidth: float = 1.8) -> list:
+def _plot_run(
+    ax: Axes, log: SpectrumLog, index: int, y: np.ndarray, label: str, linewidth: float = 1.8
+) -> list:
     """Run number ``index``'s line in a comparison: its colour and its log's markers."""
-    return ax.plot(log.steps, y, linewidth=linewidth, label=label,
-                   color=_RUN_COLORS[index % len(_RUN_COLORS)], **_marker(log))
+    return ax.plot(
+        log.steps,
+        y,
+        linewidth=linewidth,
+        label=label,
+        color=_RUN_COLORS[index % len(_RUN_COLORS)],
+        **_marker(log),
+    )
 
 
 def comparison_figure(
@@ -488,8 +575,14 @@ def comparison_figure(
         if drawn:
             ax.legend(fontsize=9)
         else:
-            ax.text(0.5, 0.5, "not logged by these runs", ha="center", transform=ax.transAxes,
-                    color="#777777")
+            ax.text(
+                0.5,
+                0.5,
+                "not logged by these runs",
+                ha="center",
+                transform=ax.transAxes,
+                color="#777777",
+            )
     axes[0, 0].set_ylim(bottom=0)
     axes[0, 1].set_ylim(bottom=0)
     axes[1, 0].set_ylim(0, 1.02)
@@ -519,12 +612,11 @@ def comparison_by_type_figure(
         for index, (log, label) in enumerate(zip(logs, labels, strict=True)):
             names = _types(log).get(kind)
             if names:
-                _plot_run(ax, log, index, _nanmean(log.stack(measure, names)), label,
-                          linewidth=1.6)
+                _plot_run(ax, log, index, _nanmean(log.stack(measure, names)), label, linewidth=1.6)
         _style(ax, "step", measure_label(measure), f"type {kind}")
         ax.set_ylim(bottom=0)
     axes[0].legend(fontsize=8)
-    for ax in axes[len(kinds):]:
+    for ax in axes[len(kinds) :]:
         ax.set_visible(False)
     fig.suptitle(f"{measure_label(measure)} by layer type: " + ", ".join(labels), fontsize=12)
     return fig
@@ -552,7 +644,11 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 150) -> Path
 
 
 def write_plots(
-    log: SpectrumLog, out_dir: str | os.PathLike, *, fmt: str = "png", measure: str | None = None,
+    log: SpectrumLog,
+    out_dir: str | os.PathLike,
+    *,
+    fmt: str = "png",
+    measure: str | None = None,
     steps: Sequence[int] | None = None,
 ) -> list[Path]:
     """Write the standard figures of one run to ``out_dir``; returns their paths.
@@ -572,8 +668,12 @@ def write_plots(
 
 
 def write_comparison(
-    logs: Sequence[SpectrumLog], out_dir: str | os.PathLike, *, fmt: str = "png",
-    labels: Sequence[str] | None = None, measure: str | None = None,
+    logs: Sequence[SpectrumLog],
+    out_dir: str | os.PathLike,
+    *,
+    fmt: str = "png",
+    labels: Sequence[str] | None = None,
+    measure: str | None = None,
 ) -> list[Path]:
     """Write ``compare`` (four panels) and ``compare_by_type`` for several runs to ``out_dir``."""
     out = Path(out_dir)

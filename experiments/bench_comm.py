@@ -75,15 +75,21 @@ def check_closed_form() -> list[tuple[int, int, int, int, int, int, int]]:
     ``(m, n, k, p, q, counted, closed_form)``."""
     rows = []
     gen = torch.Generator().manual_seed(0)
-    for m, n, k, p, q in ((96, 40, 6, 8, 2), (40, 96, 6, 8, 2), (64, 64, 10, 4, 0),
-                          (50, 120, 3, 0, 3), (30, 12, 20, 8, 1)):
+    for m, n, k, p, q in (
+        (96, 40, 6, 8, 2),
+        (40, 96, 6, 8, 2),
+        (64, 64, 10, 4, 0),
+        (50, 120, 3, 0, 3),
+        (30, 12, 20, 8, 1),
+    ):
         G = torch.randn(m, n, generator=gen)
         with record_comm() as stats:
             sharded_randomized_svd(G, k, oversample=p, power_iters=q, seed=1, layout=(0, m))
         expected = randomized_svd_comm_bytes(m, n, k, oversample=p, power_iters=q)
         if stats.bytes != expected:
-            raise AssertionError(f"{m}×{n} k={k} p={p} q={q}: counted {stats.bytes} B, "
-                                 f"closed form {expected} B")
+            raise AssertionError(
+                f"{m}×{n} k={k} p={p} q={q}: counted {stats.bytes} B, closed form {expected} B"
+            )
         rows.append((m, n, k, p, q, stats.bytes, expected))
     return rows
 
@@ -140,11 +146,15 @@ def closed_form_table(r: int, p: int, q: int, world: int) -> str:
         "|---|---|---|---|---|",
     ]
     for rank in sorted({1, 8, 32, 128, 256, 512, r}):
-        rsvd = LAYERS * sum(randomized_svd_comm_bytes(m, n, rank, oversample=p, power_iters=q)
-                            for m, n in MATRICES.values())
-        lines.append(f"| {rank} | {rsvd / MIB:.1f} | {LAYERS * total_full / MIB:.1f} "
-                     f"| {rsvd / (LAYERS * total_full):.4f} "
-                     f"| {2 * rsvd / (LAYERS * total_full):.4f} |")
+        rsvd = LAYERS * sum(
+            randomized_svd_comm_bytes(m, n, rank, oversample=p, power_iters=q)
+            for m, n in MATRICES.values()
+        )
+        lines.append(
+            f"| {rank} | {rsvd / MIB:.1f} | {LAYERS * total_full / MIB:.1f} "
+            f"| {rsvd / (LAYERS * total_full):.4f} "
+            f"| {2 * rsvd / (LAYERS * total_full):.4f} |"
+        )
     lines += [
         "",
         f"Optimizer state of the {7 * LAYERS} projected matrices per rank (float32, "
@@ -209,17 +219,19 @@ def measure(r: int, p: int, q: int, device: torch.device, repeats: int) -> str:
         row_counts = [c.shape[0] for c in torch.chunk(G, world, dim=0)]  # FSDP2's layout
         row_counts += [0] * (world - len(row_counts))
         offset = sum(row_counts[:me])
-        G_local = G[offset:offset + row_counts[me]].contiguous()
+        G_local = G[offset : offset + row_counts[me]].contiguous()
         sharded = partial(sharded_randomized_svd, G_local, r, layout=(offset, m), **options)
         if world > 1:
+
             def gathered(G_local: torch.Tensor = G_local, counts: list[int] = row_counts) -> None:
                 randomized_svd(_gather_rows(G_local, counts), r, **options)
         else:
             gathered = partial(randomized_svd, G_local, r, **options)
         t_sharded = _median_time(sharded, device, repeats)
         t_gathered = _median_time(gathered, device, repeats)
-        lines.append(f"| {m}×{n} | {t_sharded:.4f} | {t_gathered:.4f} "
-                     f"| {t_gathered / t_sharded:.2f}× |")
+        lines.append(
+            f"| {m}×{n} | {t_sharded:.4f} | {t_gathered:.4f} | {t_gathered / t_sharded:.2f}× |"
+        )
     return "\n".join(lines)
 
 
@@ -231,8 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--world", type=int, default=8, help="W for the state table")
     parser.add_argument("--measure", action="store_true", help="also time one refresh")
     parser.add_argument("--device", default="cpu", help="device of --measure (cpu, cuda)")
-    parser.add_argument("--backend", default=None, help="process-group backend under torchrun "
-                        "(default: nccl on cuda, gloo on cpu)")
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="process-group backend under torchrun (default: nccl on cuda, gloo on cpu)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of --measure")
     args = parser.parse_args(argv)
     for key in ("rank", "world", "repeats"):
@@ -253,9 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     lead = not launched or dist.get_rank() == 0
     try:
         if lead:
-            print(f"closed form = counted all-reduce payload on {len(checked)} small cases "
-                  f"({', '.join(f'{m}×{n} k={k} p={p} q={q}' for m, n, k, p, q, *_ in checked)})"
-                  "\n")
+            print(
+                f"closed form = counted all-reduce payload on {len(checked)} small cases "
+                f"({', '.join(f'{m}×{n} k={k} p={p} q={q}' for m, n, k, p, q, *_ in checked)})"
+                "\n"
+            )
             print(closed_form_table(args.rank, args.oversample, args.power_iters, args.world))
         if args.measure:
             report = measure(args.rank, args.oversample, args.power_iters, device, args.repeats)

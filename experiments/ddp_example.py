@@ -46,22 +46,36 @@ from experiments.model import CONFIGS, Decoder, get_config
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
-                        help="gloo (CPU, or GPU tensors) or nccl (GPUs)")
-    parser.add_argument("--fsdp", action="store_true",
-                        help="shard with FSDP2 (fully_shard) instead of wrapping in DDP")
+    parser.add_argument(
+        "--backend",
+        choices=("gloo", "nccl"),
+        default="gloo",
+        help="gloo (CPU, or GPU tensors) or nccl (GPUs)",
+    )
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard with FSDP2 (fully_shard) instead of wrapping in DDP",
+    )
     parser.add_argument("--model", choices=sorted(CONFIGS), default="tiny")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="global batch (sequences), split evenly over the ranks")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="global batch (sequences), split evenly over the ranks",
+    )
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eta", type=float, default=0.9, help="energy threshold η")
     parser.add_argument("--max-rank", type=int, default=16)
     parser.add_argument("--update-gap", type=int, default=10, help="refresh gap T")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint", default=None,
-                        help="save model + optimizer here (torch.distributed.checkpoint)")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="save model + optimizer here (torch.distributed.checkpoint)",
+    )
     return parser
 
 
@@ -80,15 +94,18 @@ def init_distributed(backend: str) -> torch.device:
     return device
 
 
-def token_source(vocab_size: int, seq_len: int, batch_size: int, seed: int
-                 ) -> tuple[BatchSampler, str]:
+def token_source(
+    vocab_size: int, seq_len: int, batch_size: int, seed: int
+) -> tuple[BatchSampler, str]:
     try:
         corpus = prepare()
         return BatchSampler(corpus.train(), batch_size, seq_len, seed), "Shakespeare (BPE 8k)"
     except (CorpusNotFoundError, ImportError) as err:
         tokens = np.random.default_rng(seed).integers(0, vocab_size, 200_000, dtype=np.int64)
-        return (BatchSampler(tokens, batch_size, seq_len, seed),
-                f"random tokens ({err}; the run shows the mechanics only)")
+        return (
+            BatchSampler(tokens, batch_size, seq_len, seed),
+            f"random tokens ({err}; the run shows the mechanics only)",
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,8 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"--batch-size {args.batch_size} must divide over {world} ranks")
         per_rank = args.batch_size // world
         config = get_config(args.model, max_seq_len=max(args.seq_len, 8))
-        sampler, data_note = token_source(config.vocab_size, args.seq_len, args.batch_size,
-                                          args.seed)
+        sampler, data_note = token_source(
+            config.vocab_size, args.seq_len, args.batch_size, args.seed
+        )
         torch.manual_seed(args.seed)  # the same initial weights on every rank
         model = Decoder(config).to(device)
         if args.fsdp:
@@ -117,15 +135,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         optimizer = adarank.AdaRankAdamW(
-            adarank.param_groups(model), lr=args.lr, eta=args.eta, max_rank=args.max_rank,
-            update_gap=args.update_gap, seed=args.seed,
+            adarank.param_groups(model),
+            lr=args.lr,
+            eta=args.eta,
+            max_rank=args.max_rank,
+            update_gap=args.update_gap,
+            seed=args.seed,
         )
         if rank == 0:
-            print(f"world={world} backend={args.backend} device={device.type} "
-                  f"wrapper={'FSDP2' if args.fsdp else 'DDP'} "
-                  f"model={args.model} data={data_note}")
-        print(f"rank {rank}/{world}: {per_rank} of {args.batch_size} sequences per step",
-              flush=True)
+            print(
+                f"world={world} backend={args.backend} device={device.type} "
+                f"wrapper={'FSDP2' if args.fsdp else 'DDP'} "
+                f"model={args.model} data={data_note}"
+            )
+        print(
+            f"rank {rank}/{world}: {per_rank} of {args.batch_size} sequences per step", flush=True
+        )
         dist.barrier()
         for step in range(args.steps):
             # Every rank draws the same global batch and keeps its slice of it.
@@ -139,17 +164,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             dist.all_reduce(mean_loss)
             if rank == 0:
                 ranks = optimizer.ranks()
-                print(f"step {step:3d}  loss {float(mean_loss) / world:.4f}  ranks "
-                      f"min/mean/max {min(ranks.values())}/"
-                      f"{sum(ranks.values()) / len(ranks):.1f}/{max(ranks.values())}",
-                      flush=True)
+                print(
+                    f"step {step:3d}  loss {float(mean_loss) / world:.4f}  ranks "
+                    f"min/mean/max {min(ranks.values())}/"
+                    f"{sum(ranks.values()) / len(ranks):.1f}/{max(ranks.values())}",
+                    flush=True,
+                )
         if args.checkpoint:
             save_checkpoint(args.checkpoint, ddp, optimizer)
         state = optimizer.state_bytes()
         if args.fsdp:
             # Each rank holds its rows only: state bytes shrink with the number of ranks.
-            print(f"rank {rank}: optimizer state {state['total'] / 2**20:.3f} MiB "
-                  f"(local shards)", flush=True)
+            print(
+                f"rank {rank}: optimizer state {state['total'] / 2**20:.3f} MiB (local shards)",
+                flush=True,
+            )
         else:
             # Every rank must hold the same weights: compare a checksum's extremes.
             checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
@@ -158,14 +187,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             dist.all_reduce(high, op=dist.ReduceOp.MAX)
         if rank == 0:
             print(f"ranks per matrix: {optimizer.ranks()}")
-            print(f"optimizer state: {state['total'] / 2**20:.2f} MiB "
-                  f"(moments {state['moments'] / 2**20:.2f}, "
-                  f"projectors {state['projectors'] / 2**20:.2f})")
+            print(
+                f"optimizer state: {state['total'] / 2**20:.2f} MiB "
+                f"(moments {state['moments'] / 2**20:.2f}, "
+                f"projectors {state['projectors'] / 2**20:.2f})"
+            )
             if not args.fsdp:
                 print(f"weights identical on all ranks: {bool(low == high)}")
             if args.checkpoint:
-                print(f"checkpoint saved to {args.checkpoint} "
-                      "(adarank.distributed.load_checkpoint restores it)")
+                print(
+                    f"checkpoint saved to {args.checkpoint} "
+                    "(adarank.distributed.load_checkpoint restores it)"
+                )
     finally:
         dist.destroy_process_group()
     return 0

@@ -53,17 +53,27 @@ def rank_figure(spectrum_path: Path, out_path: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     parser.add_argument("--model", default="cpu", help="model shape (tiny for a smoke run)")
     parser.add_argument("--out", default="demo_out", help="output directory")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default torch's; 1 on a machine busy with "
-                             "other jobs, where multi-threaded kernels stall)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default torch's; 1 on a machine busy with "
+        "other jobs, where multi-threaded kernels stall)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    parser.add_argument("--keep-checkpoints", action="store_true",
-                        help="keep each run's ckpt.pt (about 75 MB each for the cpu model)")
+    parser.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each run's ckpt.pt (about 75 MB each for the cpu model)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     every = max(1, args.steps // 8)
@@ -71,9 +81,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for optimizer in ("adamw", "adarank"):
         print(f"== {optimizer}: {args.steps} steps of the '{args.model}' model", flush=True)
         config = TrainConfig(
-            model=args.model, optimizer=optimizer, steps=args.steps, out=str(out / optimizer),
-            overwrite=True, eval_every=every, ckpt_every=args.steps, spectrum_every=every,
-            update_gap=every, progress=not args.no_progress, threads=args.threads,
+            model=args.model,
+            optimizer=optimizer,
+            steps=args.steps,
+            out=str(out / optimizer),
+            overwrite=True,
+            eval_every=every,
+            ckpt_every=args.steps,
+            spectrum_every=every,
+            update_gap=every,
+            progress=not args.no_progress,
+            threads=args.threads,
         )
         train(config)
         runs[optimizer] = out / optimizer

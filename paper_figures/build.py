@@ -74,8 +74,9 @@ def image_path(out: Path, comparison: Comparison, figure: ModuleType) -> Path:
     return out / comparison.name / f"{figure.NAME}.png"
 
 
-def results_markdown(comparisons: Sequence[Comparison], out: Path, link_from: Path, *,
-                     level: int, runs_file: str) -> str:
+def results_markdown(
+    comparisons: Sequence[Comparison], out: Path, link_from: Path, *, level: int, runs_file: str
+) -> str:
     """The table of every comparison, the ratios to AdamW and the figures, linked relative to
     ``link_from`` (the directory of the Markdown file that will hold the text)."""
     heading = "#" * level
@@ -87,7 +88,8 @@ def results_markdown(comparisons: Sequence[Comparison], out: Path, link_from: Pa
         sources = ", ".join(f"`{run.source}`" for run in comparison.runs)
         parts += [
             f"{heading} {comparison.name}: model `{model}`, {steps} steps, {tokens:,} tokens"
-            if isinstance(tokens, int) else f"{heading} {comparison.name}",
+            if isinstance(tokens, int)
+            else f"{heading} {comparison.name}",
             f"Runs: {sources}. One seed and one learning rate per optimizer: a first look, too "
             "short and too thin to rank optimizers (the sweep is the comparison).",
             comparison_table([run.summary for run in comparison.runs]),
@@ -126,8 +128,12 @@ def replace_section(readme: Path, body: str) -> bool:
 # -- the command ---------------------------------------------------------------------------------
 
 
-def build(comparisons: Sequence[Comparison], out: Path,
-          figures: Sequence[ModuleType] = FIGURES, study: Studies | None = None) -> list[Path]:
+def build(
+    comparisons: Sequence[Comparison],
+    out: Path,
+    figures: Sequence[ModuleType] = FIGURES,
+    study: Studies | None = None,
+) -> list[Path]:
     """Draw and save ``figures`` for every comparison into ``out/<comparison>/``, and the
     studies' figures (those with a finished run) into ``out/studies/``."""
     written = []
@@ -184,22 +190,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m paper_figures",
         description="Rebuild the paper's figures and results table from the run logs.",
     )
-    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS,
-                        help=f"JSON file of comparisons (default {shown(DEFAULT_RUNS)})")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"output directory (default {shown(DEFAULT_OUT)})")
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        default=DEFAULT_RUNS,
+        help=f"JSON file of comparisons (default {shown(DEFAULT_RUNS)})",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"output directory (default {shown(DEFAULT_OUT)})",
+    )
     readme = parser.add_mutually_exclusive_group()
-    readme.add_argument("--readme", type=Path, default=DEFAULT_README,
-                        help=f"README whose results section is replaced "
-                             f"(default {shown(DEFAULT_README)})")
-    readme.add_argument("--no-readme", dest="readme", action="store_const", const=None,
-                        help="leave the README alone")
-    parser.add_argument("--figure", action="append", choices=[f.NAME for f in FIGURES],
-                        help="draw only this figure (repeatable; default all)")
-    parser.add_argument("--sweep-root", type=Path, default=studies.SWEEP_ROOT,
-                        help=f"experiments.sweep results (default {shown(studies.SWEEP_ROOT)})")
-    parser.add_argument("--rank-study-root", type=Path, default=studies.RANK_ROOT,
-                        help=f"experiments.rank_study results (default {shown(studies.RANK_ROOT)})")
+    readme.add_argument(
+        "--readme",
+        type=Path,
+        default=DEFAULT_README,
+        help=f"README whose results section is replaced (default {shown(DEFAULT_README)})",
+    )
+    readme.add_argument(
+        "--no-readme",
+        dest="readme",
+        action="store_const",
+        const=None,
+        help="leave the README alone",
+    )
+    parser.add_argument(
+        "--figure",
+        action="append",
+        choices=[f.NAME for f in FIGURES],
+        help="draw only this figure (repeatable; default all)",
+    )
+    parser.add_argument(
+        "--sweep-root",
+        type=Path,
+        default=studies.SWEEP_ROOT,
+        help=f"experiments.sweep results (default {shown(studies.SWEEP_ROOT)})",
+    )
+    parser.add_argument(
+        "--rank-study-root",
+        type=Path,
+        default=studies.RANK_ROOT,
+        help=f"experiments.rank_study results (default {shown(studies.RANK_ROOT)})",
+    )
     args = parser.parse_args(argv)
     figures = [f for f in FIGURES if args.figure is None or f.NAME in args.figure]
     try:

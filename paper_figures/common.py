@@ -168,9 +168,13 @@ def load_comparisons(runs_file: str | os.PathLike) -> list[Comparison]:
     """Every comparison of ``runs_file``, each run fully read (so errors surface up front)."""
     path = Path(runs_file)
     spec = _read_json(path)
-    if not isinstance(spec, dict) or not spec or not all(
-        isinstance(runs, dict) and runs and all(isinstance(p, str) for p in runs.values())
-        for runs in spec.values()
+    if (
+        not isinstance(spec, dict)
+        or not spec
+        or not all(
+            isinstance(runs, dict) and runs and all(isinstance(p, str) for p in runs.values())
+            for runs in spec.values()
+        )
     ):
         raise InputError(
             f"{shown(path)}: expected {{comparison: {{run name: run directory, ...}}, ...}}"

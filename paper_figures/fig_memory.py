@@ -43,14 +43,21 @@ def ratio(run: Run, reference: Run | None, quantity: Callable[[Run], float]) -> 
     return value / base
 
 
-def plot_bars(ax: Axes, comparison: Comparison, quantity: Callable[[Run], float], *,
-              unit: str, digits: int) -> list[Artist]:
+def plot_bars(
+    ax: Axes, comparison: Comparison, quantity: Callable[[Run], float], *, unit: str, digits: int
+) -> list[Artist]:
     """One bar per run of ``quantity``, annotated ``value`` and ``× AdamW`` where there is one."""
     runs = comparison.runs
     values = [quantity(run) for run in runs]
     positions = range(len(runs))
-    bars = ax.bar(positions, [0 if math.isnan(v) else v for v in values], width=0.6,
-                  color=[run.color for run in runs], edgecolor="black", linewidth=0.6)
+    bars = ax.bar(
+        positions,
+        [0 if math.isnan(v) else v for v in values],
+        width=0.6,
+        color=[run.color for run in runs],
+        edgecolor="black",
+        linewidth=0.6,
+    )
     artists: list[Artist] = list(bars)
     for bar, run, value in zip(bars, runs, values, strict=True):
         if math.isnan(value):
@@ -60,9 +67,17 @@ def plot_bars(ax: Axes, comparison: Comparison, quantity: Callable[[Run], float]
             scale = ratio(run, comparison.reference, quantity)
             if scale is not None:
                 text += f"\n{scale:.2f}× AdamW"
-        artists.append(ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                                   xytext=(0, 3), textcoords="offset points", ha="center",
-                                   va="bottom", fontsize=8))
+        artists.append(
+            ax.annotate(
+                text,
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                xytext=(0, 3),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        )
     ax.set_xticks(list(positions), [run.label for run in runs], fontsize=9)
     finite = [v for v in values if math.isfinite(v)]
     ax.set_ylim(0, 1.25 * max(finite) if finite and max(finite) > 0 else 1)
@@ -74,15 +89,20 @@ def plot_bars(ax: Axes, comparison: Comparison, quantity: Callable[[Run], float]
 def figure(comparison: Comparison) -> Figure:
     devices = sorted({str(run.header.get("device", "cpu")) for run in comparison.runs})
     on_cpu = devices == ["cpu"]
-    fig = Figure(figsize=(max(10.5, 1.3 * 3 * len(comparison.runs) + 1.5), 4.4),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(max(10.5, 1.3 * 3 * len(comparison.runs) + 1.5), 4.4), layout="constrained"
+    )
     state_ax, peak_ax, speed_ax = fig.subplots(1, 3)
     plot_bars(state_ax, comparison, state_mib, unit="MiB", digits=2)
     state_ax.set_title("optimizer state (all tensors in optimizer.state)", fontsize=10)
     state_ax.set_ylabel("MiB")
     plot_bars(peak_ax, comparison, peak_mib, unit="MiB", digits=0)
-    peak_ax.set_title("peak memory (process max RSS, incl. Python + torch)" if on_cpu
-                      else "peak memory (torch.cuda.max_memory_allocated)", fontsize=10)
+    peak_ax.set_title(
+        "peak memory (process max RSS, incl. Python + torch)"
+        if on_cpu
+        else "peak memory (torch.cuda.max_memory_allocated)",
+        fontsize=10,
+    )
     peak_ax.set_ylabel("MiB")
     plot_bars(speed_ax, comparison, tokens_per_s, unit="", digits=0)
     speed_ax.set_title("training tokens/s (steps only, no eval)", fontsize=10)

@@ -43,8 +43,9 @@ def plot_train_loss(ax: Axes, run: Run, *, window: int) -> list[Artist]:
     if window > 1:
         (raw,) = ax.plot(steps, loss, color=run.color, linewidth=0.6, alpha=0.3)
         artists.append(raw)
-    (line,) = ax.plot(steps, trailing_mean(loss, window), color=run.color, linewidth=1.8,
-                      label=run.label)
+    (line,) = ax.plot(
+        steps, trailing_mean(loss, window), color=run.color, linewidth=1.8, label=run.label
+    )
     artists.append(line)
     return artists
 

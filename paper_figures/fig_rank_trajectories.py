@@ -54,11 +54,18 @@ def figure(comparison: Comparison) -> Figure:
     if any_dashed:
         styles += ";  dashed: the optimizer's rank"
     handles = list(type_handles.values())
-    fig.legend(handles=handles, labels=[str(h.get_label()) for h in handles],
-               loc="outside lower center", ncol=len(handles), fontsize=8,
-               title=f"layer type (number of layers).  {styles}", title_fontsize=8)
-    fig.suptitle(f"{TITLE} — {comparison.name} (shaded: min-max over the type's layers)",
-                 fontsize=12)
+    fig.legend(
+        handles=handles,
+        labels=[str(h.get_label()) for h in handles],
+        loc="outside lower center",
+        ncol=len(handles),
+        fontsize=8,
+        title=f"layer type (number of layers).  {styles}",
+        title_fontsize=8,
+    )
+    fig.suptitle(
+        f"{TITLE} — {comparison.name} (shaded: min-max over the type's layers)", fontsize=12
+    )
     return fig
 
 

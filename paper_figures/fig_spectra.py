@@ -29,8 +29,9 @@ def spectrum_steps(comparison: Comparison, count: int = STEP_COUNT) -> list[int]
 def figure(comparison: Comparison) -> Figure:
     runs = comparison.runs
     steps = spectrum_steps(comparison)
-    fig = Figure(figsize=(4.6 * len(LAYER_TYPES) + 0.4, 3.1 * len(runs) + 0.7),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(4.6 * len(LAYER_TYPES) + 0.4, 3.1 * len(runs) + 0.7), layout="constrained"
+    )
     axes = fig.subplots(len(runs), len(LAYER_TYPES), sharex="col", sharey="col", squeeze=False)
     for row, run in zip(axes, runs, strict=True):
         for ax, kind in zip(row, LAYER_TYPES, strict=True):

@@ -15,8 +15,9 @@ def low_rank_plus_noise(m: int, n: int, rank: int, noise: float, seed: int) -> t
 class TinyNet(nn.Module):
     """Two linear layers with biases and a norm: matrix and non-matrix parameters."""
 
-    def __init__(self, d_in: int = 12, d_hidden: int = 24, d_out: int = 6,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, d_in: int = 12, d_hidden: int = 24, d_out: int = 6, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         self.up = nn.Linear(d_in, d_hidden, dtype=dtype)
         self.norm = nn.LayerNorm(d_hidden, dtype=dtype)

@@ -44,17 +44,39 @@ def logs(tmp_path_factory) -> dict[str, Path]:
     paths = {}
     for optimizer in ("galore", "adarank"):
         paths[optimizer] = folder / f"{optimizer}.jsonl"
-        status = _entry_point()(["record", "--optimizer", optimizer, "--steps", "25",
-                                 "--every", "5", "--update-gap", "10",
-                                 "--out", str(paths[optimizer])])
+        status = _entry_point()(
+            [
+                "record",
+                "--optimizer",
+                optimizer,
+                "--steps",
+                "25",
+                "--every",
+                "5",
+                "--update-gap",
+                "10",
+                "--out",
+                str(paths[optimizer]),
+            ]
+        )
         assert status == 0
     return paths
 
 
 def test_record_writes_a_log_and_reports_overhead(tmp_path, capsys):
     path = tmp_path / "adamw.jsonl"
-    status, out, err = run_cli("record", "--optimizer", "adamw", "--steps", "12", "--every", "4",
-                               "--out", path, capsys=capsys)
+    status, out, err = run_cli(
+        "record",
+        "--optimizer",
+        "adamw",
+        "--steps",
+        "12",
+        "--every",
+        "4",
+        "--out",
+        path,
+        capsys=capsys,
+    )
     assert status == 0, err
     assert "overhead" in out and str(path) in out
     from adarank.analysis import load_log
@@ -63,7 +85,13 @@ def test_record_writes_a_log_and_reports_overhead(tmp_path, capsys):
     assert list(log.steps) == [0, 4, 8, 11]  # every 4, and the last step
     assert log.header["optimizer"]["class"] == "AdamW"
     assert {log.layer_type(name) for name in log.layer_names} == {
-        "q", "k", "v", "o", "gate", "up", "down"
+        "q",
+        "k",
+        "v",
+        "o",
+        "gate",
+        "up",
+        "down",
     }
 
 
@@ -81,7 +109,10 @@ def test_summary_into_a_closed_pipe_exits_without_a_traceback(logs):
     os.close(read)
     result = subprocess.run(
         [sys.executable, "-c", code, "summary", "--json", str(logs["adarank"])],
-        stdout=write, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[1],
     )
     os.close(write)
     assert result.stderr == ""
@@ -111,7 +142,11 @@ def plotted(logs, tmp_path_factory) -> list[Path]:
 
 def test_plot_writes_valid_pngs(plotted):
     assert {p.name for p in plotted} == {
-        "overview.png", "spectra.png", "ranks.png", "heatmap.png", "captured.png"
+        "overview.png",
+        "spectra.png",
+        "ranks.png",
+        "heatmap.png",
+        "captured.png",
     }
     for path in plotted:
         _assert_valid_png(path)
@@ -127,16 +162,37 @@ def test_plots_are_byte_identical_across_runs(logs, plotted, tmp_path):
 
 
 def test_plot_pdf_and_measure_options(logs, tmp_path, capsys):
-    status, out, err = run_cli("plot", logs["galore"], "--out", tmp_path, "--format", "pdf",
-                               "--measure", "stable_rank", "--steps", "0", "20", capsys=capsys)
+    status, out, err = run_cli(
+        "plot",
+        logs["galore"],
+        "--out",
+        tmp_path,
+        "--format",
+        "pdf",
+        "--measure",
+        "stable_rank",
+        "--steps",
+        "0",
+        "20",
+        capsys=capsys,
+    )
     assert status == 0, err
     for line in out.split():
         assert Path(line).read_bytes()[:5] == b"%PDF-"
 
 
 def test_compare_writes_valid_pngs(logs, tmp_path, capsys):
-    status, out, err = run_cli("compare", logs["galore"], logs["adarank"], "--out", tmp_path,
-                               "--labels", "GaLore", "AdaRank", capsys=capsys)
+    status, out, err = run_cli(
+        "compare",
+        logs["galore"],
+        logs["adarank"],
+        "--out",
+        tmp_path,
+        "--labels",
+        "GaLore",
+        "AdaRank",
+        capsys=capsys,
+    )
     assert status == 0, err
     written = [Path(line) for line in out.split()]
     assert {p.name for p in written} == {"compare.png", "compare_by_type.png"}
@@ -158,8 +214,12 @@ def _bad_logs(folder: Path, good: Path) -> dict[str, Path]:
     corrupt.write_bytes(b"\x00\x01 this is not a log\n{}\n")
     header_only = folder / "header_only.jsonl"
     header_only.write_bytes(good.read_bytes().split(b"\n")[0] + b"\n")
-    return {"missing": folder / "missing.jsonl", "empty": empty, "corrupt": corrupt,
-            "header only": header_only}
+    return {
+        "missing": folder / "missing.jsonl",
+        "empty": empty,
+        "corrupt": corrupt,
+        "header only": header_only,
+    }
 
 
 @pytest.mark.parametrize("command", ["summary", "plot", "compare"])
@@ -184,6 +244,7 @@ def _with_header(good: Path, path: Path, edit) -> Path:
 def _set_layer_field(key, value):
     def edit(header):
         header["layers"][0][key] = value
+
     return edit
 
 
@@ -204,14 +265,14 @@ MALFORMED_HEADERS = {
 
 @pytest.mark.parametrize("command", ["summary", "plot", "compare"])
 @pytest.mark.parametrize("kind", list(MALFORMED_HEADERS))
-def test_malformed_header_gives_one_line_error_and_exit_1(kind, command, logs, tmp_path,
-                                                          capsys):
+def test_malformed_header_gives_one_line_error_and_exit_1(kind, command, logs, tmp_path, capsys):
     path = _with_header(logs["galore"], tmp_path / "bad.jsonl", MALFORMED_HEADERS[kind])
     args = [command, path] + (["--out", tmp_path / "out"] if command != "summary" else [])
     status, _, err = run_cli(*args, capsys=capsys)
     assert status == 1, err
     assert err.startswith(f"adarank-spectrum: error: {path}: malformed header") and (
-        err.count("\n") == 1), err
+        err.count("\n") == 1
+    ), err
     assert not (tmp_path / "out").exists()
 
 
@@ -238,16 +299,18 @@ def test_torn_log_still_summarises_with_a_warning(logs, tmp_path, capsys):
 
 
 def test_unknown_measure_is_an_error(logs, tmp_path, capsys):
-    status, _, err = run_cli("plot", logs["galore"], "--out", tmp_path, "--measure", "nope",
-                             capsys=capsys)
+    status, _, err = run_cli(
+        "plot", logs["galore"], "--out", tmp_path, "--measure", "nope", capsys=capsys
+    )
     assert status == 1 and "no quantity 'nope'" in err
 
 
 def test_installed_script_exits_nonzero_without_traceback(tmp_path):
     script = shutil.which("adarank-spectrum", path=str(Path(sys.executable).parent))
     assert script, "the console script is not installed; run pip install -e ."
-    missing = subprocess.run([script, "summary", str(tmp_path / "nothing.jsonl")],
-                             capture_output=True, text=True)
+    missing = subprocess.run(
+        [script, "summary", str(tmp_path / "nothing.jsonl")], capture_output=True, text=True
+    )
     assert missing.returncode == 1
     assert missing.stderr.strip().startswith("adarank-spectrum: error:")
     assert "Traceback" not in missing.stderr

@@ -193,8 +193,9 @@ def test_randomized_path_matches_exact_on_known_spectrum(tmp_path):
     path = tmp_path / "rsvd.jsonl"
     with SpectrumLogger(model, path, top_k=4, exact_max_dim=0) as logger:
         logger.record(0)
-    with SpectrumLogger(model, tmp_path / "capped.jsonl", top_k=4, exact_max_dim=0,
-                        max_probe_rank=8) as capped:
+    with SpectrumLogger(
+        model, tmp_path / "capped.jsonl", top_k=4, exact_max_dim=0, max_probe_rank=8
+    ) as capped:
         capped.record(0)
     layer = load_log(path).layers["weight"]
     assert load_log(path).header["layers"][0]["svd"] == "randomized"
@@ -277,10 +278,16 @@ def test_records_only_every_k_steps_unless_forced(tmp_path):
         (b"\n\n", "empty"),
         (b"not json at all\n", "not valid JSON"),
         (b'{"kind":"record","step":0,"layers":{}}\n', "not an adarank-spectrum header"),
-        (b'{"kind":"header","format":"adarank-spectrum","version":1}\n{"kind":"rec\n'
-         b'{"kind":"record","step":1,"layers":{}}\n', "line 2 is not valid JSON"),
-        (b'{"kind":"header","format":"adarank-spectrum","version":1}\n'
-         b'{"kind":"record","step":"x","layers":{}}\n', "malformed"),
+        (
+            b'{"kind":"header","format":"adarank-spectrum","version":1}\n{"kind":"rec\n'
+            b'{"kind":"record","step":1,"layers":{}}\n',
+            "line 2 is not valid JSON",
+        ),
+        (
+            b'{"kind":"header","format":"adarank-spectrum","version":1}\n'
+            b'{"kind":"record","step":"x","layers":{}}\n',
+            "malformed",
+        ),
         (b'{"kind":"header","format":"adarank-spectrum","version":99}\n', "newer"),
     ],
 )
@@ -397,8 +404,9 @@ def test_layerwise_logger_records_what_the_normal_optimizer_logger_records(tmp_p
             np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=f"{name} {quantity}")
         for quantity in ("optimizer_rank", "refresh_count", "energy_rank_0.9"):
             if quantity in normal.layers[name]:
-                np.testing.assert_array_equal(layerwise_log.layers[name][quantity],
-                                              normal.layers[name][quantity])
+                np.testing.assert_array_equal(
+                    layerwise_log.layers[name][quantity], normal.layers[name][quantity]
+                )
     assert "optimizer_rank" in layerwise_log.layers["q_proj.weight"]
     assert layerwise_log.scalars["state_bytes.total"][-1] == lw.state_bytes()["total"]
     header = layerwise_log.header["optimizer"]

@@ -108,7 +108,8 @@ def test_matrix_measures_match_constructed_spectrum_and_scipy():
     assert metrics.matrix_stable_rank(G) == pytest.approx(np.sum(s**2) / 25, rel=1e-12)
     p = s / s.sum()
     assert metrics.matrix_effective_rank(G) == pytest.approx(
-        math.exp(-np.sum(p * np.log(p))), rel=1e-9  # zero singular values of G at 1e-15 level
+        math.exp(-np.sum(p * np.log(p))),
+        rel=1e-9,  # zero singular values of G at 1e-15 level
     )
     # Σσ² = 39.3125; partial sums 25, 34, 38, 39: η = 0.8 (31.45) -> 2, 0.9 (35.38) -> 3,
     # 0.97 (38.13) -> 4.

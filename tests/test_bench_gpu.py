@@ -107,12 +107,16 @@ def test_tiny_cpu_benchmark_reports_ratios_to_adamw_and_smaller_lowrank_state(
 
 
 def test_missing_reference_package_is_skipped_with_a_note(
-    tmp_path: Path, restore_threads: None, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    restore_threads: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setattr(bench, "reference_galore", lambda: None)
-    argv = ("--model tiny --device cpu --batch 1 --seq-len 16 --vocab 256 --steps 1 "
-            "--warmup 0 --threads 1 --optimizers GaLore-reference")
+    argv = (
+        "--model tiny --device cpu --batch 1 --seq-len 16 --vocab 256 --steps 1 "
+        "--warmup 0 --threads 1 --optimizers GaLore-reference"
+    )
     report, _ = _run(tmp_path, argv)
     assert list(report["results"]) == ["AdamW"]
     assert "galore-torch" in report["skipped"]["GaLore-reference"]
@@ -125,8 +129,10 @@ def test_reference_galore_row_matches_our_galore_state_and_refreshes(
 ) -> None:
     """The reference package's state (moments and projectors kept in its projector objects)
     is counted like ours: at the same rank both hold the same number of bytes."""
-    argv = ("--model tiny --device cpu --batch 1 --seq-len 16 --vocab 256 --steps 1 "
-            "--warmup 0 --threads 1 --optimizers GaLore-reference,GaLoreAdamW")
+    argv = (
+        "--model tiny --device cpu --batch 1 --seq-len 16 --vocab 256 --steps 1 "
+        "--warmup 0 --threads 1 --optimizers GaLore-reference,GaLoreAdamW"
+    )
     report, _ = _run(tmp_path, argv)
     ref, ours = report["results"]["GaLore-reference"], report["results"]["GaLoreAdamW"]
     assert ref["state_bytes"]["projectors"] == ours["state_bytes"]["projectors"] > 0

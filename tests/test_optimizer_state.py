@@ -13,19 +13,27 @@ from torch import nn
 import adarank
 
 CONFIGS = {
-    "adarank-torch": (adarank.AdaRankAdamW,
-                      dict(update_gap=4, track_every=2, check_every=3, max_rank=5)),
-    "adarank-fbpca-reset": (adarank.AdaRankAdamW,
-                            dict(update_gap=3, backend="fbpca", moments="reset", max_rank=4)),
+    "adarank-torch": (
+        adarank.AdaRankAdamW,
+        dict(update_gap=4, track_every=2, check_every=3, max_rank=5),
+    ),
+    "adarank-fbpca-reset": (
+        adarank.AdaRankAdamW,
+        dict(update_gap=3, backend="fbpca", moments="reset", max_rank=4),
+    ),
     "adarank-full": (adarank.AdaRankAdamW, dict(update_gap=3, proj_type="full", eta=0.8)),
     "adarank-residual": (adarank.AdaRankAdamW, dict(update_gap=3, residual=True, max_rank=2)),
     "galore": (adarank.GaLoreAdamW, dict(rank=3, update_proj_gap=3)),
-    "qgalore": (adarank.QGaLoreAdamW, dict(rank=3, update_proj_gap=2, queue_size=2,
-                                           quant_group_size=16)),
+    "qgalore": (
+        adarank.QGaLoreAdamW,
+        dict(rank=3, update_proj_gap=2, queue_size=2, quant_group_size=16),
+    ),
     "adarank-int4": (adarank.AdaRankAdamW, dict(update_gap=3, proj_bits=4, proj_group_size=8)),
     "adarank-stagger": (adarank.AdaRankAdamW, dict(update_gap=4, stagger=2, check_every=3)),
-    "adarank-one-at-a-time": (adarank.AdaRankAdamW,
-                              dict(update_gap=4, track_every=2, check_every=3, foreach=False)),
+    "adarank-one-at-a-time": (
+        adarank.AdaRankAdamW,
+        dict(update_gap=4, track_every=2, check_every=3, foreach=False),
+    ),
 }
 
 
@@ -80,7 +88,8 @@ def test_state_holds_only_tensors_and_numbers():
     for state in opt.state_dict()["state"].values():
         for value in state.values():
             ok = isinstance(value, (torch.Tensor, int, float)) or (
-                isinstance(value, tuple) and all(isinstance(v, int) for v in value))
+                isinstance(value, tuple) and all(isinstance(v, int) for v in value)
+            )
             assert ok, type(value)
 
 
@@ -99,18 +108,30 @@ def test_loading_into_another_shape_fails_clearly():
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(lr=-1e-3), "lr"), (dict(betas=(1.0, 0.999)), "betas"),
-        (dict(betas=(0.9, -0.1)), "betas"), (dict(eps=-1.0), "eps"),
-        (dict(weight_decay=-0.1), "weight_decay"), (dict(eta=0.0), "eta"),
-        (dict(eta=1.2), "eta"), (dict(min_rank=8, max_rank=4), "min_rank"),
-        (dict(max_rank=0), "max_rank"), (dict(update_gap=0), "update_gap"),
-        (dict(backend="svd"), "backend"), (dict(moments="swap"), "moments"),
-        (dict(proj_type="diag"), "proj_type"), (dict(nonfinite="ignore"), "nonfinite"),
-        (dict(rank_rule="entropy"), "rank_rule"), (dict(oversample=-1), "oversample"),
-        (dict(power_iters=1.5), "power_iters"), (dict(refresh_below=2.0), "refresh_below"),
-        (dict(scale=0.0), "scale"), (dict(track_every=-2), "track_every"),
-        (dict(eta_threshold=0.9), "eta_threshold"), (dict(lowrank="yes"), "lowrank"),
-        (dict(residual=1), "residual"), (dict(residual_limit=0.5), "residual_limit"),
+        (dict(lr=-1e-3), "lr"),
+        (dict(betas=(1.0, 0.999)), "betas"),
+        (dict(betas=(0.9, -0.1)), "betas"),
+        (dict(eps=-1.0), "eps"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(eta=0.0), "eta"),
+        (dict(eta=1.2), "eta"),
+        (dict(min_rank=8, max_rank=4), "min_rank"),
+        (dict(max_rank=0), "max_rank"),
+        (dict(update_gap=0), "update_gap"),
+        (dict(backend="svd"), "backend"),
+        (dict(moments="swap"), "moments"),
+        (dict(proj_type="diag"), "proj_type"),
+        (dict(nonfinite="ignore"), "nonfinite"),
+        (dict(rank_rule="entropy"), "rank_rule"),
+        (dict(oversample=-1), "oversample"),
+        (dict(power_iters=1.5), "power_iters"),
+        (dict(refresh_below=2.0), "refresh_below"),
+        (dict(scale=0.0), "scale"),
+        (dict(track_every=-2), "track_every"),
+        (dict(eta_threshold=0.9), "eta_threshold"),
+        (dict(lowrank="yes"), "lowrank"),
+        (dict(residual=1), "residual"),
+        (dict(residual_limit=0.5), "residual_limit"),
     ],
 )
 def test_bad_hyperparameters_raise_naming_the_argument(kwargs, name):
@@ -124,9 +145,14 @@ def test_bad_hyperparameters_raise_naming_the_argument(kwargs, name):
     assert len(opt.param_groups) == 1
 
 
-@pytest.mark.parametrize("kwargs, name", [(dict(rank=0), "rank"),
-                                          (dict(update_proj_gap=-1), "update_proj_gap"),
-                                          (dict(ranks=4), "ranks")])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(rank=0), "rank"),
+        (dict(update_proj_gap=-1), "update_proj_gap"),
+        (dict(ranks=4), "ranks"),
+    ],
+)
 def test_galore_bad_group_keys_raise_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=name):
         adarank.GaLoreAdamW([{"params": [nn.Parameter(torch.zeros(3, 3))], **kwargs}])
@@ -207,11 +233,19 @@ def test_state_bytes_counts_every_tensor_and_beats_adamw():
     opt.step()
     adamw.step()
     sizes = opt.state_bytes()
-    held = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-               if isinstance(v, torch.Tensor))
+    held = sum(
+        v.numel() * v.element_size()
+        for s in opt.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor)
+    )
     assert sizes["total"] == held == sizes["moments"] + sizes["projectors"] + sizes["other"]
-    adamw_bytes = sum(v.numel() * v.element_size() for s in adamw.state.values()
-                      for v in s.values() if isinstance(v, torch.Tensor))
+    adamw_bytes = sum(
+        v.numel() * v.element_size()
+        for s in adamw.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor)
+    )
     assert sizes["total"] < adamw_bytes / 4
 
 
@@ -228,8 +262,12 @@ def test_param_groups_split_by_layer_kind_and_names():
     groups = adarank.param_groups(Block(), eta=0.8)
     low, plain = groups
     assert low["param_names"] == ["q_proj.weight"] and low["lowrank"] and low["eta"] == 0.8
-    assert plain["param_names"] == ["embed_tokens.weight", "q_proj.bias", "norm.weight",
-                                    "norm.bias"]
+    assert plain["param_names"] == [
+        "embed_tokens.weight",
+        "q_proj.bias",
+        "norm.weight",
+        "norm.bias",
+    ]
     assert plain["lowrank"] is False
     only_plain = adarank.param_groups(Block(), exclude=("q_", "lm_head"))
     assert len(only_plain) == 1 and only_plain[0]["lowrank"] is False
@@ -250,9 +288,13 @@ def test_galore_reference_style_groups():
     model = TinyNet()
     low = [model.up.weight, model.down.weight]
     rest = [p for p in model.parameters() if all(p is not q for q in low)]
-    opt = adarank.GaLoreAdamW([{"params": rest},
-                               {"params": low, "rank": 2, "update_proj_gap": 50, "scale": 0.5,
-                                "proj_type": "left"}], lr=1e-3)
+    opt = adarank.GaLoreAdamW(
+        [
+            {"params": rest},
+            {"params": low, "rank": 2, "update_proj_gap": 50, "scale": 0.5, "proj_type": "left"},
+        ],
+        lr=1e-3,
+    )
     assert opt.param_groups[0]["lowrank"] is False
     group = opt.param_groups[1]
     assert group["lowrank"] and group["max_rank"] == 2 and group["update_gap"] == 50
@@ -312,9 +354,17 @@ def test_fast_finiteness_test_agrees_with_isfinite():
     from adarank.distributed import UNSHARDED, finite_flags
 
     big = torch.full((4, 4), 3e38)
-    cases = [torch.randn(5, 5), torch.tensor([1.0, float("nan")]), torch.tensor([float("inf")]),
-             torch.tensor([float("-inf"), 2.0]), torch.tensor([float("inf"), float("-inf")]),
-             big, -big, torch.randn(3).to(torch.bfloat16), torch.zeros(0)]
+    cases = [
+        torch.randn(5, 5),
+        torch.tensor([1.0, float("nan")]),
+        torch.tensor([float("inf")]),
+        torch.tensor([float("-inf"), 2.0]),
+        torch.tensor([float("inf"), float("-inf")]),
+        big,
+        -big,
+        torch.randn(3).to(torch.bfloat16),
+        torch.zeros(0),
+    ]
     flags = finite_flags(cases, [UNSHARDED] * len(cases))
     assert flags == [bool(torch.isfinite(t).all()) for t in cases]
     assert flags == [True, False, False, False, False, True, True, True, True]

@@ -23,13 +23,19 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _run_command(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "paper_figures", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "paper_figures", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _outputs(out: Path) -> dict[str, bytes]:
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file()}
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +98,32 @@ def test_readme_section_between_markers_is_replaced(tmp_path: Path) -> None:
     assert main(["--runs", str(RUNS), "--out", str(out), "--readme", str(readme), *no_studies]) == 0
     text = readme.read_text()
     assert text.startswith(before + START) and text.endswith(END + after)
-    section = text[text.index(START):text.index(END)]
+    section = text[text.index(START) : text.index(END)]
     assert "hand-typed numbers" not in section
     assert "| tiny_adarank | adarank |" in section
     images = [line for line in section.splitlines() if line.startswith("![")]
-    links = [line[line.index("](") + 2:-1] for line in images]
+    links = [line[line.index("](") + 2 : -1] for line in images]
     assert len(links) == len(FIGURES)
     for link in links:  # relative to the README's folder, and pointing at the figures
         assert not Path(link).is_absolute()
         assert (readme.parent / link).resolve().read_bytes()[:8] == PNG_SIGNATURE
     # A second build leaves the README as it is (one figure redrawn is enough to show it).
-    assert main(["--runs", str(RUNS), "--out", str(out), "--readme", str(readme),
-                 "--figure", "memory", *no_studies]) == 0
+    assert (
+        main(
+            [
+                "--runs",
+                str(RUNS),
+                "--out",
+                str(out),
+                "--readme",
+                str(readme),
+                "--figure",
+                "memory",
+                *no_studies,
+            ]
+        )
+        == 0
+    )
     assert readme.read_text() == text
 
 

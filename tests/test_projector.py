@@ -11,9 +11,14 @@ from adarank.projector import project, project_back, projector_from_svd, side_fo
 @pytest.mark.parametrize(
     "proj_type, shape, side",
     [
-        ("std", (8, 20), "left"), ("std", (20, 8), "right"), ("std", (10, 10), "right"),
-        ("reverse_std", (8, 20), "right"), ("reverse_std", (20, 8), "left"),
-        ("left", (20, 8), "left"), ("right", (8, 20), "right"), ("full", (8, 20), "both"),
+        ("std", (8, 20), "left"),
+        ("std", (20, 8), "right"),
+        ("std", (10, 10), "right"),
+        ("reverse_std", (8, 20), "right"),
+        ("reverse_std", (20, 8), "left"),
+        ("left", (20, 8), "left"),
+        ("right", (8, 20), "right"),
+        ("full", (8, 20), "both"),
     ],
 )
 def test_side_follows_galore_proj_type(proj_type, shape, side):

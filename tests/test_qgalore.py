@@ -22,8 +22,9 @@ def regression_data(seed: int = 0, n: int = 256, d_in: int = 64, d_out: int = 32
 
 def mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(),
-                         nn.Linear(128, 32))
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 32)
+    )
 
 
 def fit(model: nn.Module, opt, steps: int, X, Y) -> list[float]:
@@ -54,8 +55,11 @@ def test_int4_projectors_are_packed_two_per_byte():
     error = (Q.abs() - Vh[:8].T.abs()).abs().max()  # compare up to column signs
     assert float(error) <= step / 2 + 1e-5
     sizes = opt.state_bytes()
-    float_bytes = sum(m.weight.shape[1 if m.weight.shape[0] >= m.weight.shape[1] else 0] * 8 * 4
-                      for m in model if isinstance(m, nn.Linear))
+    float_bytes = sum(
+        m.weight.shape[1 if m.weight.shape[0] >= m.weight.shape[1] else 0] * 8 * 4
+        for m in model
+        if isinstance(m, nn.Linear)
+    )
     # 4 bits + a float32 scale and zero per 256 entries: 4.25 bits against 32.
     assert sizes["projectors"] <= float_bytes * (4.25 / 32) + 64
 
@@ -84,7 +88,8 @@ def test_int8_weights_train_and_stay_int8():
     opt.zero_grad()
     for layer in (model[0], model[2], model[4]):
         assert layer.weight.codes.dtype == torch.int8 and layer.weight.stored_bytes() < (
-            1.1 * layer.weight.numel())
+            1.1 * layer.weight.numel()
+        )
         assert layer.weight.grad is None  # cleared by zero_grad
     assert losses[-1] < 0.5 * losses[0]
 
@@ -136,9 +141,20 @@ def test_qgalore_with_int8_weights_resumes_bit_identically():
 
 def test_reference_key_names_are_accepted():
     model = mlp()
-    opt = adarank.QGaLoreAdamW([{"params": [model[2].weight], "rank": 4, "update_proj_gap": 50,
-                                 "cos_threshold": 0.5, "gamma_proj": 3, "queue_size": 4,
-                                 "quant_n_bit": 8, "quant_group_size": 128}])
+    opt = adarank.QGaLoreAdamW(
+        [
+            {
+                "params": [model[2].weight],
+                "rank": 4,
+                "update_proj_gap": 50,
+                "cos_threshold": 0.5,
+                "gamma_proj": 3,
+                "queue_size": 4,
+                "quant_n_bit": 8,
+                "quant_group_size": 128,
+            }
+        ]
+    )
     group = opt.param_groups[0]
     assert (group["lazy_threshold"], group["lazy_factor"], group["lazy_window"]) == (0.5, 3, 4)
     assert (group["proj_bits"], group["proj_group_size"]) == (8, 128)
@@ -149,8 +165,9 @@ def test_reference_key_names_are_accepted():
 def test_adarank_with_int4_projectors_and_lazy_refresh():
     X, Y = regression_data()
     model = mlp()
-    opt = adarank.AdaRankAdamW(adarank.param_groups(model, proj_bits=4, lazy_refresh=True,
-                                                    update_gap=10), lr=5e-3)
+    opt = adarank.AdaRankAdamW(
+        adarank.param_groups(model, proj_bits=4, lazy_refresh=True, update_gap=10), lr=5e-3
+    )
     losses = fit(model, opt, 60, X, Y)
     assert losses[-1] < 0.5 * losses[0]
     assert any(k.endswith("_codes") for s in opt.state.values() for k in s)

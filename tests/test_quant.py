@@ -144,10 +144,15 @@ def test_extreme_values_of_a_group_are_exact(bits):
 def test_groups_spanning_the_float32_range_stay_finite_and_within_bound(bits, stochastic):
     # max − min of these groups (up to 2·3.4e38) overflows float32; the scale must not.
     big = torch.finfo(torch.float32).max
-    x = torch.tensor([[big, -big, 0.0, 1.0, 5e37, -7e37, 3e38, -1e-30],
-                      [3e38, -3e38, 2e38, -2e38, 1e38, -1e38, 0.0, 1e-45]])
-    q = quantize(x, bits, group_size=8, stochastic=stochastic,
-                 generator=torch.Generator().manual_seed(0))
+    x = torch.tensor(
+        [
+            [big, -big, 0.0, 1.0, 5e37, -7e37, 3e38, -1e-30],
+            [3e38, -3e38, 2e38, -2e38, 1e38, -1e38, 0.0, 1e-45],
+        ]
+    )
+    q = quantize(
+        x, bits, group_size=8, stochastic=stochastic, generator=torch.Generator().manual_seed(0)
+    )
     x_hat = dequantize(q)
     assert bool(torch.isfinite(q["scale"]).all()) and bool(torch.isfinite(x_hat).all())
     ref = x.double()
@@ -161,8 +166,14 @@ def test_groups_spanning_the_float32_range_stay_finite_and_within_bound(bits, st
 def test_int8linear_holds_a_weight_spanning_three_e38():
     linear = nn.Linear(8, 2, bias=False)
     with torch.no_grad():
-        linear.weight.copy_(torch.tensor([[3e38, -3e38, 1.0, 0.0, 2e38, -1e38, 0.5, 7.0],
-                                          [-3e38, 3e38, 0.0, 1e30, 1.0, 2.0, 3.0, 4.0]]))
+        linear.weight.copy_(
+            torch.tensor(
+                [
+                    [3e38, -3e38, 1.0, 0.0, 2e38, -1e38, 0.5, 7.0],
+                    [-3e38, 3e38, 0.0, 1e30, 1.0, 2.0, 3.0, 4.0],
+                ]
+            )
+        )
     layer = Int8Linear.from_linear(linear, group_size=8)
     W = layer.dequantized_weight()
     assert bool(torch.isfinite(W).all()) and bool(torch.isfinite(layer.weight_scale).all())
@@ -222,8 +233,10 @@ def test_stochastic_round_is_unbiased():
     # N = 20000 draws per value; the mean of Bernoulli(f) draws has σ = √(f(1−f)/N),
     # so a 5σ tolerance fails by chance with probability < 1e-6 per value.
     n_draws = 20000
-    x = torch.tensor([-3.7, -0.5, -1e-3, 0.0, 0.25, 0.5, 0.999, 2.0, 17.125, 254.9, 1000.3,
-                      -77.75], dtype=torch.float64)
+    x = torch.tensor(
+        [-3.7, -0.5, -1e-3, 0.0, 0.25, 0.5, 0.999, 2.0, 17.125, 254.9, 1000.3, -77.75],
+        dtype=torch.float64,
+    )
     gen = torch.Generator().manual_seed(0)
     draws = stochastic_round(x.expand(n_draws, -1).contiguous(), generator=gen)
     frac = x - x.floor()
@@ -242,8 +255,10 @@ def test_stochastic_round_is_bounded_and_integral(dtype):
     lo = x.floor().expand_as(r)
     assert bool(((r == lo) | (r == lo + 1)).all())
     assert bool(((r.double() - x.double()).abs() < 1).all())
-    assert torch.equal(stochastic_round(torch.tensor([4.0, -2.0], dtype=dtype)),
-                       torch.tensor([4.0, -2.0], dtype=dtype))
+    assert torch.equal(
+        stochastic_round(torch.tensor([4.0, -2.0], dtype=dtype)),
+        torch.tensor([4.0, -2.0], dtype=dtype),
+    )
 
 
 def test_stochastic_round_is_reproducible_with_a_generator():
@@ -300,8 +315,7 @@ def test_int8linear_gradients_equal_the_float_reference():
     torch.testing.assert_close(layer.bias.grad.double(), b_ref.grad, rtol=1e-5, atol=1e-5)
     # A second backward accumulates, like any .grad.
     layer(x.detach()).backward(g)
-    torch.testing.assert_close(layer.weight.grad.double(), 2 * w_ref.grad, rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(layer.weight.grad.double(), 2 * w_ref.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_weight_grad_exists_when_nothing_else_needs_grad_and_not_when_frozen():
@@ -321,8 +335,7 @@ def test_weight_grad_exists_when_nothing_else_needs_grad_and_not_when_frozen():
 def test_post_accumulate_grad_hook_fires_and_can_be_removed():
     _, layer = make_int8()
     seen = []
-    handle = layer.weight.register_post_accumulate_grad_hook(
-        lambda p: seen.append(p.grad.clone()))
+    handle = layer.weight.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
     layer(torch.randn(5, 40)).sum().backward()
     assert len(seen) == 1 and torch.equal(seen[0], layer.weight.grad)
     handle.remove()
@@ -384,8 +397,9 @@ def test_int8linear_load_refuses_a_float_weight_and_reports_missing_keys():
     _, layer = make_int8()
     float_state = nn.Linear(40, 6).state_dict()
     with pytest.raises(RuntimeError, match="needs int8 codes of shape"):
-        layer.load_state_dict({**float_state, "weight_scale": layer.weight_scale,
-                               "weight_zero": layer.weight_zero})
+        layer.load_state_dict(
+            {**float_state, "weight_scale": layer.weight_scale, "weight_zero": layer.weight_zero}
+        )
     with pytest.raises(RuntimeError, match="Missing key.*weight_scale"):
         layer.load_state_dict(float_state)
 

@@ -48,8 +48,9 @@ def test_rotate_shapes_right_and_both():
     P_old, P_new = orthonormal(8, 3, 3), orthonormal(8, 2, 4)
     Mb = torch.randn(3, 3, dtype=torch.float64)
     Wb = torch.ones(3, 3, dtype=torch.float64)
-    M3, V3, W3, _ = transfer_moments(Mb, Mb.square(), Wb, Wb, P_new.T @ P_old, Q_new.T @ Q_old,
-                                     "rotate")
+    M3, V3, W3, _ = transfer_moments(
+        Mb, Mb.square(), Wb, Wb, P_new.T @ P_old, Q_new.T @ Q_old, "rotate"
+    )
     assert M3.shape == V3.shape == W3.shape == (2, 5)
 
 
@@ -96,8 +97,10 @@ def test_rotate_preserves_the_back_projected_first_moment_when_subspace_grows():
 
 def test_rotate_new_orthogonal_direction_starts_fresh():
     P_old = orthonormal(10, 3)
-    P_new = torch.linalg.qr(torch.randn(10, 1, dtype=torch.float64)
-                            - P_old @ (P_old.T @ torch.randn(10, 1, dtype=torch.float64))).Q
+    P_new = torch.linalg.qr(
+        torch.randn(10, 1, dtype=torch.float64)
+        - P_old @ (P_old.T @ torch.randn(10, 1, dtype=torch.float64))
+    ).Q
     # Make P_new exactly orthogonal to P_old.
     P_new = P_new - P_old @ (P_old.T @ P_new)
     P_new = P_new / P_new.norm()

@@ -73,8 +73,17 @@ from adarank.subspace import align_signs, subspace_overlap, track_subspace
 
 GLOBAL_BATCH = 32
 NAN_STEP = 5  # the step at which rank 1's half of the batch holds an Inf
-OPTIONS = dict(lr=1e-2, weight_decay=0.01, eta=0.8, max_rank=8, update_gap=3, track_every=2,
-               check_every=2, refresh_below=0.5, seed=0)
+OPTIONS = dict(
+    lr=1e-2,
+    weight_decay=0.01,
+    eta=0.8,
+    max_rank=8,
+    update_gap=3,
+    track_every=2,
+    check_every=2,
+    refresh_below=0.5,
+    seed=0,
+)
 
 
 # ------------------------------------------------------------------ helpers
@@ -118,8 +127,9 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
 
 
-def snapshot(named: Iterable[tuple[str, nn.Parameter]], opt: torch.optim.Optimizer
-             ) -> dict[str, Any]:
+def snapshot(
+    named: Iterable[tuple[str, nn.Parameter]], opt: torch.optim.Optimizer
+) -> dict[str, Any]:
     """Parameters and every optimizer-state entry, keyed by parameter name."""
     out: dict[str, Any] = {}
     for name, p in named:
@@ -163,8 +173,9 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             else:
                 state = max(state, max_abs(x, y))
         elif isinstance(x, float):
-            if not (math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-5)
-                    or (math.isnan(x) and math.isnan(y))):
+            if not (
+                math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-5) or (math.isnan(x) and math.isnan(y))
+            ):
                 numbers.append(key)
         elif x != y:
             numbers.append(key)
@@ -201,9 +212,11 @@ def scenario_primitives(out_dir: Path) -> dict[str, Any]:
             "U_orth": max_abs(U.T @ U, torch.eye(U.shape[1])),
             "bytes": stats.bytes,
             "bytes_closed_form": randomized_svd_comm_bytes(
-                m, n, k, world=world(), layout_known=given),
-            "replicated_identical": all(torch.equal(S, s) and torch.equal(Vh, v)
-                                        for s, v in replicated),
+                m, n, k, world=world(), layout_known=given
+            ),
+            "replicated_identical": all(
+                torch.equal(S, s) and torch.equal(Vh, v) for s, v in replicated
+            ),
         }
 
     # QR: ill-conditioned (κ = 1e6), dependent columns, zero, one empty shard.
@@ -212,8 +225,11 @@ def scenario_primitives(out_dir: Path) -> dict[str, Any]:
     dep = torch.randn(30, 6, generator=gen)
     dep[:, 4] = 2.0 * dep[:, 1] - dep[:, 0]
     res["qr"] = {}
-    for name, Y, splits in (("ill_conditioned", ill, [35, 25]), ("dependent", dep, [0, 30]),
-                            ("zero", torch.zeros(20, 5), [9, 11])):
+    for name, Y, splits in (
+        ("ill_conditioned", ill, [35, 25]),
+        ("dependent", dep, [0, 30]),
+        ("zero", torch.zeros(20, 5), [9, 11]),
+    ):
         rows = splits_to_rows(splits)
         with record_comm() as stats:
             Q_local, R = sharded_qr(Y[rows])
@@ -237,8 +253,9 @@ def scenario_primitives(out_dir: Path) -> dict[str, Any]:
     R_right = gather_rows(sharded_project(G_local, None, Q))
     R_both = sharded_project(G_local, P_local, Q)
     captured_left = sharded_captured_fraction(R_left, G_local, R_sharded=False)
-    captured_right = sharded_captured_fraction(sharded_project(G_local, None, Q), G_local,
-                                               R_sharded=True)
+    captured_right = sharded_captured_fraction(
+        sharded_project(G_local, None, Q), G_local, R_sharded=True
+    )
     P_new_local, Q_new = sharded_track_subspace(G_local, P_local, Q)
     P_new_ref, Q_new_ref = track_subspace(G, P, Q)
     flipped = P * torch.tensor([1.0, -1.0, 1.0])
@@ -253,14 +270,19 @@ def scenario_primitives(out_dir: Path) -> dict[str, Any]:
         "captured_right": abs(float(captured_right) - float((G @ Q).norm()) / norm),
         "track_left": max_abs(gather_rows(P_new_local), P_new_ref),
         "track_right": max_abs(Q_new, Q_new_ref),
-        "align_signs": max_abs(gather_rows(sharded_align_signs(flipped[rows], P_local)),
-                               align_signs(flipped, P)),
+        "align_signs": max_abs(
+            gather_rows(sharded_align_signs(flipped[rows], P_local)), align_signs(flipped, P)
+        ),
         "matmul_tn": max_abs(sharded_matmul_tn(P_new_local, P_local), P_new_ref.T @ P),
-        "overlap": abs(sharded_subspace_overlap(P_local, P_new_local)
-                       - subspace_overlap(P, P_new_ref)),
-        "norms_right": max_abs(torch.stack(sharded_projection_norms(
-            sharded_project(G_local, None, Q), G_local, R_sharded=True)),
-            torch.stack([(G @ Q).norm(), G.norm()])),
+        "overlap": abs(
+            sharded_subspace_overlap(P_local, P_new_local) - subspace_overlap(P, P_new_ref)
+        ),
+        "norms_right": max_abs(
+            torch.stack(
+                sharded_projection_norms(sharded_project(G_local, None, Q), G_local, R_sharded=True)
+            ),
+            torch.stack([(G @ Q).norm(), G.norm()]),
+        ),
         "all_finite": sharded_all_finite(finite_inputs),
         "layout": shard_layout(G_local.shape[0]),
     }
@@ -284,8 +306,9 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def train(module: nn.Module, opt: torch.optim.Optimizer, steps: Iterable[int],
-          part: int, parts: int) -> list[float]:
+def train(
+    module: nn.Module, opt: torch.optim.Optimizer, steps: Iterable[int], part: int, parts: int
+) -> list[float]:
     """Steps on this part (of ``parts`` equal parts) of each global batch."""
     per = GLOBAL_BATCH // parts
     losses = []
@@ -300,8 +323,9 @@ def train(module: nn.Module, opt: torch.optim.Optimizer, steps: Iterable[int],
     return losses
 
 
-def single_process_reference(steps: Iterable[int]) -> tuple[dict[str, Any], nn.Module,
-                                                             torch.optim.Optimizer]:
+def single_process_reference(
+    steps: Iterable[int],
+) -> tuple[dict[str, Any], nn.Module, torch.optim.Optimizer]:
     net = make_net(0)
     opt = adarank.AdaRankAdamW(adarank.param_groups(net), **OPTIONS)
     train(net, opt, steps, 0, 1)
@@ -369,8 +393,13 @@ def make_fsdp_net(seed: int) -> nn.Module:
     # Odd row counts give unequal shards (37 → 19 + 18); a 1-row weight leaves
     # rank 1 an empty shard.
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(16, 37), nn.Tanh(),
-                         nn.Linear(37, 10, bias=False), nn.Tanh(), nn.Linear(10, 1, bias=False))
+    return nn.Sequential(
+        nn.Linear(16, 37),
+        nn.Tanh(),
+        nn.Linear(37, 10, bias=False),
+        nn.Tanh(),
+        nn.Linear(10, 1, bias=False),
+    )
 
 
 def shard(net: nn.Module) -> nn.Module:
@@ -394,8 +423,9 @@ def scenario_fsdp_shards(out_dir: Path) -> dict[str, Any]:
     (sharded(x[rows]) - y[rows]).square().mean().backward()
     (reference(x) - y).square().mean().backward()
     res: dict[str, Any] = {}
-    for (name, p), (_, q) in zip(sharded.named_parameters(), reference.named_parameters(),
-                                 strict=True):
+    for (name, p), (_, q) in zip(
+        sharded.named_parameters(), reference.named_parameters(), strict=True
+    ):
         if p.ndim != 2:
             continue
         G_local = p.grad.to_local()
@@ -403,14 +433,15 @@ def scenario_fsdp_shards(out_dir: Path) -> dict[str, Any]:
         group, (offset, total) = row_shard_info(p)
         k = min(3, *G.shape)
         with record_comm() as stats:
-            U_local, S, Vh = sharded_randomized_svd(G_local, k, seed=4, layout=(offset, total),
-                                                    group=group)
+            U_local, S, Vh = sharded_randomized_svd(
+                G_local, k, seed=4, layout=(offset, total), group=group
+            )
         U_ref, S_ref, Vh_ref = randomized_svd(G, k, seed=4)
         signs = torch.sign((Vh * Vh_ref).sum(1))
         res[name] = {
             "local_rows": gather(G_local.shape[0]),
             "layout_matches": list(shard_layout(G_local.shape[0])) == [offset, total],
-            "grad_vs_reference": max_abs(G_local, G[offset:offset + G_local.shape[0]]),
+            "grad_vs_reference": max_abs(G_local, G[offset : offset + G_local.shape[0]]),
             "fro_sq_rel": abs(float(sharded_fro_sq(G_local)) - float(G.square().sum()))
             / float(G.square().sum()),
             "S_rel": max_abs(S, S_ref) / float(S_ref[0]),
@@ -440,13 +471,18 @@ def fsdp_run(options: dict[str, Any], steps: Iterable[int] = range(8)) -> dict[s
     losses = train(sharded, opt, steps, rank(), world())
     ref_opt = adarank.AdaRankAdamW(adarank.param_groups(reference), **options)
     ref_losses = train(reference, ref_opt, steps, 0, 1)
-    params = max(max_abs(p.full_tensor(), q) for p, q in
-                 zip(sharded.parameters(), reference.parameters(), strict=True))
+    params = max(
+        max_abs(p.full_tensor(), q)
+        for p, q in zip(sharded.parameters(), reference.parameters(), strict=True)
+    )
     losses = [sum(pair) / world() for pair in zip(*gather(losses), strict=True)]
     return {
         "param_max_diff": params,
-        "loss_max_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)
-                             if math.isfinite(a) and math.isfinite(b)),
+        "loss_max_diff": max(
+            abs(a - b)
+            for a, b in zip(losses, ref_losses, strict=True)
+            if math.isfinite(a) and math.isfinite(b)
+        ),
         "ranks": opt.ranks(),
         "reference_ranks": ref_opt.ranks(),
         "refreshes": opt.refresh_counts(),
@@ -484,16 +520,19 @@ def scenario_fsdp_variants(out_dir: Path) -> dict[str, Any]:
 
 def dtensor_keys(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, list[str]]:
     names = {id(p): n for n, p in model.named_parameters()}
-    return {names[id(p)]: sorted(k for k, v in st.items() if is_dtensor(v))
-            for p, st in opt.state.items()}
+    return {
+        names[id(p)]: sorted(k for k, v in st.items() if is_dtensor(v))
+        for p, st in opt.state.items()
+    }
 
 
 def scenario_fsdp_checkpoint(out_dir: Path) -> dict[str, Any]:
     path = out_dir / "fsdp_checkpoint"
     # Residual and lazy refresh, so every kind of state is saved; NAN_STEP falls
     # after the save, so both continuations skip it.
-    options = dict(FSDP_OPTIONS, residual=True, lazy_refresh=True, lazy_window=2,
-                   lazy_threshold=0.0)
+    options = dict(
+        FSDP_OPTIONS, residual=True, lazy_refresh=True, lazy_window=2, lazy_threshold=0.0
+    )
     net = shard(make_fsdp_net(0))
     opt = adarank.AdaRankAdamW(adarank.param_groups(net), **options)
     train(net, opt, range(4), rank(), world())
@@ -543,15 +582,16 @@ def scenario_fsdp_nan(out_dir: Path) -> dict[str, Any]:
         after = [local_tensor(p) for p in net.parameters()]
         if step == 2:
             unchanged = [torch.equal(a, b) for a, b in zip(before, after, strict=True)]
-            moved = [name for (name, _), a, b in zip(net.named_parameters(), before, after,
-                                                     strict=True)
-                     if a.numel() and not torch.equal(a, b)]
+            moved = [
+                name
+                for (name, _), a, b in zip(net.named_parameters(), before, after, strict=True)
+                if a.numel() and not torch.equal(a, b)
+            ]
     return {
         "skips": gather(opt.nonfinite_skips()),
         "target_unchanged": gather(unchanged[0]),
         "moved_at_nan_step": gather(moved),
-        "params_finite": all(bool(torch.isfinite(p.full_tensor()).all())
-                             for p in net.parameters()),
+        "params_finite": all(bool(torch.isfinite(p.full_tensor()).all()) for p in net.parameters()),
         "steps": gather({n: int(opt.state[p]["step"]) for n, p in net.named_parameters()}),
     }
 
@@ -585,8 +625,11 @@ def scenario_ddp_layerwise(out_dir: Path) -> dict[str, Any]:
     messages = []
     for target in (net, model):
         try:
-            adarank.layerwise(target, lambda groups: adarank.AdaRankAdamW(groups, **OPTIONS),
-                              groups=adarank.param_groups(net))
+            adarank.layerwise(
+                target,
+                lambda groups: adarank.AdaRankAdamW(groups, **OPTIONS),
+                groups=adarank.param_groups(net),
+            )
         except ValueError as error:
             messages.append(str(error))
         else:
@@ -622,8 +665,11 @@ def main(argv: list[str]) -> int:
                 results[name] = {"ok": True, **SCENARIOS[name](out_dir)}
             except Exception:  # recorded for the test, and shown in torchrun's output
                 results[name] = {"ok": False, "error": traceback.format_exc()}
-                print(f"[rank {rank()}] scenario {name} failed:\n{results[name]['error']}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[rank {rank()}] scenario {name} failed:\n{results[name]['error']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             dist.barrier()
             if rank() == 0:
                 (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
