@@ -269,8 +269,10 @@ def test_param_groups_split_by_layer_kind_and_names():
         "norm.bias",
     ]
     assert plain["lowrank"] is False
-    only_plain = adarank.param_groups(Block(), exclude=("q_", "lm_head"))
-    assert len(only_plain) == 1 and only_plain[0]["lowrank"] is False
+    # Excluding every linear layer leaves nothing to project: since issue 13 an empty selection
+    # is a ValueError at once (it used to return one plain group, a silent plain AdamW).
+    with pytest.raises(ValueError, match="no linear layer to project"):
+        adarank.param_groups(Block(), exclude=("q_", "lm_head"))
     with pytest.raises(ValueError, match="exclude"):
         adarank.param_groups(Block(), exclude="embed")
 
