@@ -10,7 +10,35 @@ import torch
 
 from adarank.analysis.layer_types import layer_type, type_sort_key
 
-__all__ = ["find_optimizer", "optimizer_scalars", "reports_ranks"]
+__all__ = ["check_callback_options", "find_optimizer", "optimizer_scalars", "reports_ranks"]
+
+# The SpectrumLogger options a callback passes through (the rest are the callback's own).
+LOGGER_OPTIONS = frozenset(
+    {
+        "top_k",
+        "include",
+        "exclude",
+        "energy_levels",
+        "exact_max_dim",
+        "max_probe_rank",
+        "seed",
+        "run_name",
+        "meta",
+    }
+)
+
+
+def check_callback_options(every: Any, logger_options: dict[str, Any]) -> None:
+    """ValueError for a callback's ``every`` that is not a positive integer, or an option that
+    is not one of `LOGGER_OPTIONS`."""
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise ValueError(f"every must be a positive integer, got {every!r}")
+    unknown = sorted(set(logger_options) - LOGGER_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"SpectrumCallback got unknown option(s) {unknown}; SpectrumLogger options are "
+            f"{sorted(LOGGER_OPTIONS)}"
+        )
 
 
 def reports_ranks(optimizer: Any) -> bool:

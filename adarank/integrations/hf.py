@@ -35,7 +35,7 @@ from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 
 from adarank.analysis.hooks import SpectrumLogger
 from adarank.groups import DEFAULT_EXCLUDE, _check_options, param_groups
-from adarank.integrations.common import find_optimizer, optimizer_scalars
+from adarank.integrations.common import check_callback_options, find_optimizer, optimizer_scalars
 from adarank.optimizer import AdaRankAdamW, GaLoreAdamW, QGaLoreAdamW
 
 __all__ = [
@@ -219,14 +219,7 @@ class SpectrumCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, path: str | os.PathLike, every: int = 50, **logger_options: Any):
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}")
-        unknown = sorted(set(logger_options) - _LOGGER_OPTIONS)
-        if unknown:
-            raise ValueError(
-                f"SpectrumCallback got unknown option(s) {unknown}; SpectrumLogger options are "
-                f"{sorted(_LOGGER_OPTIONS)}"
-            )
+        check_callback_options(every, logger_options)
         if callable(logger_options.get("include")):
             raise ValueError(
                 "include must be name patterns (a checkpoint stores them), not a callable"
@@ -362,18 +355,3 @@ class SpectrumCallback(TrainerCallback, ExportableState):
         if self.logger is not None:
             self.logger.close()
             self.logger = None
-
-
-_LOGGER_OPTIONS = frozenset(
-    {
-        "top_k",
-        "include",
-        "exclude",
-        "energy_levels",
-        "exact_max_dim",
-        "max_probe_rank",
-        "seed",
-        "run_name",
-        "meta",
-    }
-)

@@ -20,7 +20,12 @@ import lightning.pytorch as pl
 import torch
 
 from adarank.analysis.hooks import SpectrumLogger
-from adarank.integrations.common import find_optimizer, optimizer_scalars, reports_ranks
+from adarank.integrations.common import (
+    check_callback_options,
+    find_optimizer,
+    optimizer_scalars,
+    reports_ranks,
+)
 
 __all__ = ["SpectrumCallback"]
 
@@ -55,25 +60,7 @@ class SpectrumCallback(pl.Callback):
     """
 
     def __init__(self, path: str | os.PathLike, every: int = 50, **logger_options: Any):
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}")
-        known = {
-            "top_k",
-            "include",
-            "exclude",
-            "energy_levels",
-            "exact_max_dim",
-            "max_probe_rank",
-            "seed",
-            "run_name",
-            "meta",
-        }
-        unknown = sorted(set(logger_options) - known)
-        if unknown:
-            raise ValueError(
-                f"SpectrumCallback got unknown option(s) {unknown}; SpectrumLogger options are "
-                f"{sorted(known)}"
-            )
+        check_callback_options(every, logger_options)
         self.path = os.fspath(path)
         self.every = every
         self.logger_options = logger_options
