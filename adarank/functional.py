@@ -161,7 +161,7 @@ def residual_update(
 
 def lowrank_adam_step_(
     p: torch.Tensor,
-    G: torch.Tensor,
+    G: torch.Tensor | None,
     P: torch.Tensor | None,
     Q: torch.Tensor | None,
     M: torch.Tensor,
@@ -192,9 +192,13 @@ def lowrank_adam_step_(
 
     ``R`` may be given precomputed: under row sharding ``PᵀG`` from the local
     rows is a partial sum that must be all-reduced first
-    (``distributed.sharded_project``); ``norm`` goes to ``residual_update``.
+    (``distributed.sharded_project``), and a gradient accumulated in the compact
+    space has no ``G`` at all (None; not with the residual path); ``norm`` goes to
+    ``residual_update``.
     """
     if R is None:
+        if G is None:
+            raise ValueError("lowrank_adam_step_: give the gradient G or its projection R")
         R = project(G, P, Q)
     update_moments_(R, M, V, beta1, beta2)
     bc1.mul_(beta1).add_(1.0 - beta1)
@@ -202,6 +206,8 @@ def lowrank_adam_step_(
     N = adam_direction(M, V, bc1, bc2, eps, convention)
     full = project_back(N, P, Q)
     if residual_norm is not None:
+        if G is None:
+            raise ValueError("lowrank_adam_step_: the residual path needs the gradient G")
         full += residual_update(G, R, N, P, Q, residual_norm, residual_limit, norm)
     apply_update_(p, full.mul_(scale), lr, weight_decay, convention)
     return R
@@ -293,8 +299,9 @@ class LowRankSlot(Protocol):
     @property
     def ops(self) -> RowOps: ...
 
-    def gradient(self) -> torch.Tensor:
-        """G, float32 m×n (this rank's rows)."""
+    def gradient(self) -> torch.Tensor | None:
+        """G, float32 m×n (this rank's rows); None when the step has only a precomputed
+        compact gradient (``Rs``), e.g. one accumulated over micro-batches."""
         ...
 
     def projectors(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -390,6 +397,7 @@ def _single_tensor_lowrank_adam(
         P, Q = slot.projectors()
         R = Rs[i]
         if R is None:
+            assert G is not None, "a low-rank step needs G or a precomputed R"
             R = slot.ops.project(G, P, Q)
         W = slot.load_weight()
         lowrank_adam_step_(
@@ -414,7 +422,11 @@ def _single_tensor_lowrank_adam(
             norm=slot.ops.norm,
         )
         slot.store_weight(W)
-        captured.append(slot.ops.captured_fraction(R, G, R_rows=P is None))
+        captured.append(
+            R.new_tensor(math.nan)
+            if G is None
+            else slot.ops.captured_fraction(R, G, R_rows=P is None)
+        )
     return captured
 
 
@@ -447,8 +459,12 @@ def _multi_tensor_lowrank_adam(
         # Float32 projectors are the stored tensors; quantised ones are dequantised again
         # below rather than kept, which would hold a float32 copy of all at once.
         projectors.append((P, Q) if cache_projectors else None)
-        compact.append(project(G, P, Q) if R is None else R)
-        g_norms.append(torch.linalg.vector_norm(G))
+        if R is None:
+            assert G is not None, "a low-rank step needs G or a precomputed R"
+            R = project(G, P, Q)
+        compact.append(R)
+        # ‖G‖ is unknown when only R exists: the captured fraction is then nan.
+        g_norms.append(R.new_tensor(math.nan) if G is None else torch.linalg.vector_norm(G))
     Ns = foreach_adam_directions_(
         compact, Ms, Vs, B1s, B2s, beta1=beta1, beta2=beta2, eps=eps, convention=convention
     )

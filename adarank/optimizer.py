@@ -17,7 +17,7 @@ are a ``distributed.ShardContext`` instead of ``rows.LOCAL``; nothing else chang
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -55,6 +55,7 @@ from .state import (
     init_lowrank_state,
     init_plain_state,
     projector_shape,
+    projectors,
 )
 
 __all__ = ["LOWRANK_DEFAULTS", "AdaRankAdamW", "GaLoreAdamW", "LowRankOptions", "QGaLoreAdamW"]
@@ -123,6 +124,9 @@ class AdaRankAdamW(Optimizer):
             lazy_factor (int, 2): the gap is multiplied by lazy_factor once the mean
             |cos| of lazy_window consecutive leading vectors is at least lazy_threshold.
         stagger (int, 0): spread scheduled refreshes over this many phases of the gap.
+        stagger_position (tuple[int, int] or None, None): ``(i, n)``: the group's first
+            matrix is the i-th of n matrices staggered together (``layerwise`` sets it
+            for its one-parameter groups); None: the group's own matrices.
         foreach (bool, True): the multi-tensor kernels (batched SVDs per shape,
             ``torch._foreach_*`` Adam); False: one matrix at a time, same results to
             float rounding.
@@ -195,23 +199,39 @@ class AdaRankAdamW(Optimizer):
 
     @torch.no_grad()
     def step(  # type: ignore[override]
-        self, closure: Callable[[], float] | None = None
+        self,
+        closure: Callable[[], float] | None = None,
+        *,
+        compact_grads: Mapping[torch.Tensor, torch.Tensor] | None = None,
     ) -> float | None:
-        """One optimisation step; returns ``closure()``'s loss when given."""
+        """One optimisation step; returns ``closure()``'s loss when given.
+
+        ``compact_grads``: ``{parameter: R}``, a compact gradient ``R = PᵀG`` (as
+        ``project_gradient`` makes it) for parameters whose ``.grad`` is None, used
+        instead of a full gradient. Only a parameter whose ``gradient_request`` is
+        ``"compact"`` may be given one (``ValueError`` otherwise): its step neither
+        refreshes, tracks nor tests its subspace, so R is all it needs. This is how
+        ``layerwise(..., grad_accum=K)`` steps on K micro-batches accumulated in the
+        compact space; its ``captured_energy()`` reads nan for that step (‖G‖ is unknown)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        compact = self._check_compact(compact_grads)
         # Every skip and every raise is decided, for all groups, before the first update:
         # a step applies to every parameter or to none (DESIGN §5).
         work = []
         index = 0
         for group in self.param_groups:
             params = group["params"]
-            with_grad = [(index + i, p) for i, p in enumerate(params) if gradient_of(p) is not None]
+            with_grad = [
+                (index + i, p)
+                for i, p in enumerate(params)
+                if gradient_of(p) is not None or id(p) in compact
+            ]
             index += len(params)
             if with_grad:
-                work.append((group, self._screen(group, with_grad)))
+                work.append((group, self._screen(group, with_grad, compact)))
         for group, (lowrank, plain, skipped) in work:
             for it in skipped:
                 it.state["nonfinite_skips"] = it.state.get("nonfinite_skips", 0) + 1
@@ -222,7 +242,10 @@ class AdaRankAdamW(Optimizer):
         return loss
 
     def _screen(
-        self, group: dict, with_grad: list[tuple[int, torch.Tensor]]
+        self,
+        group: dict,
+        with_grad: list[tuple[int, torch.Tensor]],
+        compact: dict[int, torch.Tensor],
     ) -> tuple[list[Item], list[Item], list[Item]]:
         """A group's parameters with a gradient as ``(low-rank, plain, skipped)`` items.
 
@@ -232,15 +255,21 @@ class AdaRankAdamW(Optimizer):
         inf V turns into NaN in the moment transfer). One host synchronisation per
         group; under FSDP2 the verdicts are all-reduced, as a NaN may sit in one rank's
         shard and every rank must skip (and issue the same collectives)."""
-        self._refuse_sparse(group, [p for _, p in with_grad])
+        self._refuse_sparse(group, [p for _, p in with_grad if id(p) not in compact])
         ops = [self._row_ops(p, group) for _, p in with_grad]
-        grads = [local_tensor(gradient_of(p)) for _, p in with_grad]  # type: ignore[arg-type]
+        # A compact gradient is screened itself: it is all that reaches the state.
+        grads = [
+            compact[id(p)] if id(p) in compact else local_tensor(gradient_of(p))  # type: ignore[arg-type]
+            for _, p in with_grad
+        ]
         verdicts = _gradient_verdicts(grads, ops)
         lowrank: list[Item] = []
         plain: list[Item] = []
         skipped: list[Item] = []
         for (i, p), verdict, o in zip(with_grad, verdicts, ops, strict=True):
             item = Item(i, p, self.state[p], group, o)
+            if id(p) in compact:
+                item.R, item.compact = compact[id(p)], True
             if verdict is not None:
                 if group["nonfinite"] == "raise":
                     raise FloatingPointError(
@@ -254,6 +283,83 @@ class AdaRankAdamW(Optimizer):
             else:  # vectors, plain groups, and matrices without elements
                 plain.append(item)
         return lowrank, plain, skipped
+
+    # ------------------------------------------------ accumulation in the compact space
+
+    def gradient_request(self, p: torch.Tensor) -> str:
+        """What this optimizer's next step of ``p`` needs: ``"compact"`` when it only uses
+        the compact gradient ``R = PᵀG`` (a low-rank matrix between refreshes, on a step
+        that neither tracks, tests staleness nor applies a residual), else ``"full"``.
+        A function of ``p``'s state and group, unchanged until the next step, so a
+        caller may decide at the first micro-batch how to accumulate the step's gradient:
+        projection is linear, so the sum of the micro-batches' R is the R of their sum.
+        Always ``"full"`` under ``state_budget`` (a budget cut may refresh any matrix)."""
+        group = self._group_of(p)
+        state = self.state.get(p, {})
+        if (
+            self.state_budget is not None
+            or not group["lowrank"]
+            or p.ndim < 2
+            or p.numel() == 0
+            or group["residual"]
+            or "exp_avg" not in state
+            or self._row_ops(p, group).sharded
+        ):
+            return "full"
+        plan = schedule.plan([state], group)
+        return "full" if plan.refresh or plan.check or plan.track else "compact"
+
+    def project_gradient(self, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """``R``: ``grad`` (a gradient of ``p``, e.g. one micro-batch's) projected onto
+        ``p``'s current subspace as the next step would project it (float32, the shape
+        of the compact moments). Requires ``gradient_request(p) == "compact"``."""
+        if self.gradient_request(p) != "compact":
+            raise ValueError(
+                f"project_gradient: the next step of parameter "
+                f"{self._name_of(self._group_of(p), p)} needs its full gradient "
+                "(gradient_request() is 'full'), so it has no compact gradient"
+            )
+        if grad.shape != p.shape:
+            raise ValueError(
+                f"project_gradient: grad has shape {tuple(grad.shape)}, the parameter "
+                f"{tuple(p.shape)}"
+            )
+        P, Q = projectors(self.state[p])
+        return LOCAL.project(local_tensor(grad).flatten(1).to(torch.float32), P, Q)
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise ValueError(
+            f"parameter of shape {tuple(p.shape)} is not in this {type(self).__name__}"
+        )
+
+    def _check_compact(
+        self, compact_grads: Mapping[torch.Tensor, torch.Tensor] | None
+    ) -> dict[int, torch.Tensor]:
+        """``compact_grads`` by parameter id, each checked against ``gradient_request``
+        and the compact moments' shape before anything is updated."""
+        out: dict[int, torch.Tensor] = {}
+        for p, R in (compact_grads or {}).items():
+            name = self._name_of(self._group_of(p), p)
+            if self.gradient_request(p) != "compact":
+                raise ValueError(
+                    f"compact_grads: parameter {name}'s next step needs its full gradient "
+                    "(gradient_request() is 'full'); pass it in .grad instead"
+                )
+            if p.grad is not None:
+                raise ValueError(
+                    f"compact_grads: parameter {name} has a .grad too; give one or the other"
+                )
+            expected = tuple(self.state[p]["exp_avg"].shape)
+            if tuple(R.shape) != expected or R.dtype != torch.float32:
+                raise ValueError(
+                    f"compact_grads: parameter {name} needs a float32 R of shape {expected} "
+                    f"(project_gradient makes it), got {R.dtype} {tuple(R.shape)}"
+                )
+            out[id(p)] = R
+        return out
 
     def _refuse_sparse(self, group: dict, params: list[torch.Tensor]) -> None:
         for p in params:
@@ -294,13 +400,20 @@ class AdaRankAdamW(Optimizer):
             init_lowrank_state(it.state)
         first = [it for it in items if "exp_avg" not in it.state]
         plan = schedule.plan([it.state for it in items], group)
+        for i in (*plan.refresh, *plan.check, *plan.track):
+            if items[i].compact:  # gradient_request said "compact": a caller's bug
+                raise RuntimeError(
+                    f"parameter {self._name_of(group, items[i].param)} was given a compact "
+                    "gradient for a step that refreshes, tracks or tests its subspace, which "
+                    "needs the full gradient; ask gradient_request() before accumulating"
+                )
         refresh = [items[i] for i in plan.refresh]
         tracks = [items[i] for i in plan.track]
         checks = [items[i] for i in plan.check]
         if checks:
             norms = []
             for it in checks:
-                G = it.gradient()
+                G = it.full_gradient()
                 P, Q = it.projectors()
                 it.R = it.ops.project(G, P, Q)
                 norms.append(torch.stack(it.ops.projection_norms(it.R, G, R_rows=P is None)))
@@ -320,11 +433,12 @@ class AdaRankAdamW(Optimizer):
         self._lowrank_adam(group, items)
         if group["stagger"] > 1 and first:
             matrices = [q for q in group["params"] if q.ndim >= 2]
+            start, count = group["stagger_position"] or (0, len(matrices))
             for it in first:
                 if "exp_avg" in it.state:
-                    position = next(j for j, q in enumerate(matrices) if q is it.param)
+                    position = start + next(j for j, q in enumerate(matrices) if q is it.param)
                     it.state["since_refresh"] += schedule.stagger_offset(
-                        position, len(matrices), group
+                        min(position, count - 1), count, group
                     )
 
     @staticmethod

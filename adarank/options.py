@@ -61,6 +61,9 @@ LOWRANK_DEFAULTS: dict[str, Any] = {
     "lazy_window": 5,  # ... over this many consecutive refreshes
     "lazy_factor": 2,  # γ: the gap is multiplied by this
     "stagger": 0,  # spread scheduled refreshes over this many phases of the gap
+    # (i, n): the group's first matrix is the i-th of n staggered together (None: the
+    # group's own matrices; adarank.layerwise sets it for its one-matrix groups)
+    "stagger_position": None,
     "foreach": True,  # multi-tensor fast paths (False: one matrix at a time)
     "convention": "torch",  # Adam convention: "torch" (torch.optim.AdamW) | "galore"
     "align_signs": True,  # align basis signs with the previous subspace at a refresh
@@ -99,6 +102,7 @@ class LowRankOptions(TypedDict, total=False):
     lazy_window: int
     lazy_factor: int
     stagger: int
+    stagger_position: tuple[int, int] | None
     foreach: bool
     convention: str
     align_signs: bool
@@ -174,6 +178,19 @@ def validate_group(group: dict[str, Any]) -> None:
         "stagger",
     ):
         check(is_int(group[key]) and group[key] >= 0, key, group[key], "an integer >= 0")
+    position = group["stagger_position"]
+    check(
+        position is None
+        or (
+            isinstance(position, (tuple, list))
+            and len(position) == 2
+            and all(is_int(v) for v in position)
+            and 0 <= position[0] < position[1]
+        ),
+        "stagger_position",
+        position,
+        "None or a pair (i, n) of integers with 0 <= i < n",
+    )
     check(group["backend"] in BACKENDS, "backend", group["backend"], f"one of {sorted(BACKENDS)}")
     check(group["proj_type"] in PROJ_TYPES, "proj_type", group["proj_type"], f"one of {PROJ_TYPES}")
     check(

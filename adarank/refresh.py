@@ -44,7 +44,7 @@ class Item:
     """One low-rank parameter in one step: its global index (part of its sketch's seed),
     state, row operations and the whole matrix's shape (m, n)."""
 
-    __slots__ = ("R", "group", "index", "ops", "param", "shape", "state")
+    __slots__ = ("R", "compact", "group", "index", "ops", "param", "shape", "state")
 
     def __init__(
         self,
@@ -60,13 +60,22 @@ class Item:
         self.state = state
         self.ops = ops
         self.shape = (param.shape[0], math.prod(param.shape[1:]))
-        # The staleness test's compact gradient, reused by the step if P stays.
+        # The staleness test's compact gradient, reused by the step if P stays; or the
+        # step's only gradient (``compact``: accumulated in the compact space, no G).
         self.R: torch.Tensor | None = None
+        self.compact = False
 
-    def gradient(self) -> torch.Tensor:
+    def gradient(self) -> torch.Tensor | None:
         """G as a float32 matrix (this rank's rows): a view of a float32 gradient, else a
         fresh conversion on every call, so no float32 copies of all gradients live at
-        once. ``flatten(1)``, not ``reshape(m, -1)``, which fails on an empty shard."""
+        once. ``flatten(1)``, not ``reshape(m, -1)``, which fails on an empty shard.
+        None for a ``compact`` item, whose step has only ``R``."""
+        return None if self.compact else self.full_gradient()
+
+    def full_gradient(self) -> torch.Tensor:
+        """``gradient()`` where the step needs G (a refresh, a tracking step, a test)."""
+        if self.compact:
+            raise RuntimeError("a compact item has no full gradient")
         grad = gradient_of(self.param)
         assert grad is not None
         return local_tensor(grad).flatten(1).to(torch.float32)
@@ -163,7 +172,7 @@ def _refresh_batch(
     """One batched SVD; installs the satisfied items (or, under a budget, appends them to
     ``deferred`` with their rule's rank and σ²), returns the others, wider."""
     ops = batch[0][0].ops
-    Gs = torch.stack([it.gradient() for it, _, _ in batch])
+    Gs = torch.stack([it.full_gradient() for it, _, _ in batch])
     local_rows = Gs.shape[1]
     seeds = [sketch_seed(group, it.index, it.state, sketch) for it, _, _ in batch]
     U, S, Vh = ops.truncated_svd_batched(
@@ -248,7 +257,7 @@ def install(
 def track(group: dict[str, Any], it: Item) -> None:
     """One online subspace step (DESIGN §3.3), moments carried across. On an all-zero G
     (whose power step is an arbitrary basis) the subspace stays, without a host sync."""
-    G = it.gradient()
+    G = it.full_gradient()
     P, Q = projectors(it.state)
     P_new, Q_new = it.ops.track(G, P, Q)
     moved = it.ops.norm(G, rows=True) > 0

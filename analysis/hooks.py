@@ -152,7 +152,9 @@ class SpectrumLogger:
         self._index_of: dict[int, int] = {}
         if isinstance(optimizer, LayerwiseOptimizer) and self._writer is not None:
             self._index_of = {id(param): i for i, (_, param) in enumerate(self._tracked)}
-            self._hook_handle = optimizer.register_param_step_hook(self._measure_in_backward)
+            self._hook_handle = optimizer.register_param_step_hook(
+                self._measure_in_backward, every=self.every
+            )
 
     # -- public ------------------------------------------------------------------------------
 

@@ -2,9 +2,12 @@
 code resumed (``fixtures/frozen_states_v0.pt``, written by ``fixtures/make_frozen_states.py``
 on main at 2d6fe0e, before the optimizer core was restructured).
 
-Tolerance: exact. The fixture was written on the CPU by the same kernels (the one-matrix
-path's single-tensor kernel, the fast path's multi-tensor kernel) in the same order, so a
-resumed run reproduces the saved parameters and ranks bit for bit on the CPU.
+Tolerance: |Δ| ≤ 2e-6 + 1e-5·|w| on the parameters, ranks exact. The fixture was written on
+the CPU by the same kernels (the one-matrix path's single-tensor kernel, the fast path's
+multi-tensor kernel) in the same order, so on the CPU that wrote it a resumed run reproduces
+the saved parameters bit for bit; on another CPU the BLAS and LAPACK kernels (chosen by
+micro-architecture) round differently, by up to ~5e-7 after these steps (seen on an AMD
+EPYC). A resume on one machine is bit-identical (``test_optimizer_state``).
 """
 
 from __future__ import annotations
@@ -40,5 +43,7 @@ def test_frozen_checkpoint_resumes_as_the_code_that_wrote_it(name):
             p.grad = grads[n].clone()
         opt.step()
     for n, p in params.items():
-        assert torch.equal(p.detach(), entry["params_after"][n]), n
+        torch.testing.assert_close(
+            p.detach(), entry["params_after"][n], rtol=1e-5, atol=2e-6, msg=n
+        )
     assert opt.ranks() == entry["ranks_after"]
