@@ -154,9 +154,12 @@ def build(
 class Studies:
     """The sweep and the rank study, read once; which figures they can draw; their text."""
 
-    def __init__(self, sweep_root: Path, rank_root: Path) -> None:
+    def __init__(
+        self, sweep_root: Path, rank_root: Path, budget_root: Path = studies.BUDGET_ROOT
+    ) -> None:
         self.sweep = studies.load_sweep(sweep_root)
         self.rank = {b: studies.load_rank_study(rank_root, b) for b in studies.RANK_BUDGETS}
+        self.budget = studies.load_budget(budget_root)
 
     def drawable(self) -> list[tuple[str, ModuleType, object]]:
         """(file name, figure module, its input) for every study with a finished run."""
@@ -173,6 +176,7 @@ class Studies:
         parts = [studies.sweep_markdown(self.sweep, heading)]
         parts += [studies.rank_study_markdown(runs, heading, budget)
                   for budget, runs in self.rank.items()]  # fmt: skip
+        parts.append(studies.budget_markdown(self.budget, heading))
         for name, module, _ in self.drawable():
             link = os.path.relpath(out / "studies" / f"{name}.png", link_from)
             parts.append(f"![{module.TITLE} ({name})]({Path(link).as_posix()})\n")
@@ -234,11 +238,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=studies.RANK_ROOT,
         help=f"experiments.rank_study results (default {shown(studies.RANK_ROOT)})",
     )
+    parser.add_argument(
+        "--budget-root",
+        type=Path,
+        default=studies.BUDGET_ROOT,
+        help=f"experiments.budget_study results (default {shown(studies.BUDGET_ROOT)})",
+    )
     args = parser.parse_args(argv)
     figures = [f for f in FIGURES if args.figure is None or f.NAME in args.figure]
     try:
         comparisons = load_comparisons(args.runs)
-        study = Studies(args.sweep_root, args.rank_study_root)
+        study = Studies(args.sweep_root, args.rank_study_root, args.budget_root)
         if args.readme is not None:
             if not args.readme.is_file():
                 raise InputError(f"{shown(args.readme)}: no such file (or pass --no-readme)")

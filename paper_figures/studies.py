@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from adarank.analysis import LogError, SpectrumLog, load_log
-from experiments import rank_study, sweep
+from experiments import budget_study, rank_study, sweep
 from paper_figures.common import REPO, InputError, shown
 
 SWEEP_ROOT = REPO / "results" / "sweep"
 RANK_ROOT = REPO / "results" / "rank_study"
+BUDGET_ROOT = REPO / "results" / "budget"
 ARM_LABELS = {
     "adamw": "AdamW",
     "galore": "GaLore",
@@ -195,4 +196,54 @@ def rank_study_markdown(runs: list[StudyRun], heading: str, budget: str = "long"
         table.append(f"| ×{run.multiplier} | {run.tokens_per_step} | {steps} | "
                      + " | ".join(cells) + " |")  # fmt: skip
     parts.append("\n".join(table))
+    return "\n\n".join(parts) + "\n"
+
+
+def load_budget(root: Path = BUDGET_ROOT) -> dict[str, Any]:
+    try:
+        return budget_study.collect(root)
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise InputError(f"{shown(root)}: unreadable budget-study results ({err})") from err
+
+
+def budget_markdown(report: dict[str, Any], heading: str) -> str:
+    """GaLore at a fixed rank against AdaRankAdamW under that GaLore's state as its budget."""
+    rows = report["runs"]
+    budget_mib = report["budget_bytes"] / 2**20
+    parts = [
+        f"{heading} Equal memory: GaLore rank {report['rank']} vs AdaRankAdamW with "
+        f"`state_budget` = that state ({len(rows)} of {report['planned']} runs finished)",
+        f"`cpu` model, {report['steps']} steps, seed 0, the same tokens; budget "
+        f"{report['budget_bytes']:,} bytes ({budget_mib:.2f} MiB, GaLore rank "
+        f"{report['rank']}'s state after one step). State: mean and largest over the "
+        "evaluations (every 100 steps). Ranks: mean over the attention (q, k, v, o) and MLP "
+        "(gate, up, down) matrices, averaged over the evaluations and at the end. One seed: "
+        "a difference is a lead, not a result. Command: "
+        "`python -m experiments.budget_study run`.",
+    ]
+    if not rows:
+        parts.append("No run has finished yet.")
+        return "\n\n".join(parts) + "\n"
+    labels = {"galore32": f"GaLore rank {report['rank']}", "adarank_budget": "AdaRankAdamW, budget"}
+    table = [
+        "| optimizer | lr | val ppl | state MiB (mean / max) | attention rank (mean → end) "
+        "| MLP rank (mean → end) | tokens/s |",
+        "|---|---:|---:|---:|---|---|---:|",
+    ]
+    for row in rows:
+        best = report["best_lr"].get(row["arm"]) == row["lr"]
+        ppl = _fmt(row["val_ppl"], 2)
+        cells = [
+            labels[row["arm"]],
+            f"{row['lr']:g}",
+            f"**{ppl}**" if best else ppl,
+            f"{row['state_mean_bytes'] / 2**20:.2f} / {row['state_max_bytes'] / 2**20:.2f}",
+            f"{_fmt(row['ranks_mean']['attention'])} → {_fmt(row['ranks_end']['attention'])}",
+            f"{_fmt(row['ranks_mean']['mlp'])} → {_fmt(row['ranks_end']['mlp'])}",
+            _fmt(row["tokens_per_s"], 0),
+        ]
+        table.append("| " + " | ".join(cells) + " |")
+    parts.append("\n".join(table))
+    if report["best_lr"]:
+        parts.append("**Bold**: the optimizer's best learning rate of the three.")
     return "\n\n".join(parts) + "\n"

@@ -64,12 +64,12 @@ def test_rank_study_table_reports_low_point_and_end_per_type(tmp_path: Path) -> 
 def test_build_draws_only_the_studies_that_have_runs(tmp_path: Path) -> None:
     sweep_root, rank_root, out = tmp_path / "sweep", tmp_path / "rank", tmp_path / "out"
     _finish_sweep_run(sweep.lr_stage()[0], sweep_root, 99.0)
-    found = build.Studies(sweep_root, rank_root)
+    found = build.Studies(sweep_root, rank_root, tmp_path / "budget")
     assert [name for name, _, _ in found.drawable()] == ["lr_sweep"]
     paths = build.build([], out, study=found)
     assert [p.name for p in paths] == ["lr_sweep.png"]
     assert paths[0].read_bytes().startswith(PNG_SIGNATURE)
-    assert found.markdown(out, out, level=3).count("No run has finished yet.") == 2
+    assert found.markdown(out, out, level=3).count("No run has finished yet.") == 3
 
 
 def test_unreadable_finished_study_run_is_an_input_error(tmp_path: Path) -> None:
