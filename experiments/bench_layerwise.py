@@ -23,6 +23,10 @@ configuration)::
     python -m experiments.bench_layerwise --model linear8 --model cpu
 
 Writes ``<out>.json`` and ``<out>.md`` (``--out``, default ``results/bench/layerwise_memory``).
+RSS counts what the allocator holds, not what is alive: glibc's default raises its mmap
+threshold after large frees and then keeps freed blocks in the heap, which interleaved
+allocations and frees (layer-wise mode) leave fragmented. ``MALLOC_MMAP_THRESHOLD_=131072``
+in the environment fixes the threshold, so large tensors are mapped and returned on free.
 """
 
 from __future__ import annotations
@@ -142,6 +146,7 @@ def measure(model_name: str, mode: str, rank: int) -> dict[str, Any]:
     return {
         "model": model_name,
         "mode": mode,
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "rank": rank,
         "params": sum(p.numel() for p in params),
         "gradient_bytes": sum(p.numel() * p.element_size() for p in params),
@@ -158,7 +163,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         out += [
             f"**{model_name}** ({first['params'] / 1e6:.1f}M parameters, all gradients "
             f"{first['gradient_bytes'] / MIB:.1f} MiB; GaLoreAdamW rank {first['rank']}, "
-            f"gap {GAP})",
+            f"gap {GAP}; RSS under glibc's "
+            + (
+                f"MALLOC_MMAP_THRESHOLD_={first['malloc_mmap_threshold']}"
+                if first.get("malloc_mmap_threshold")
+                else "default allocator settings"
+            )
+            + ")",
             "",
             "| configuration | live gradients, first step | between refreshes | refresh step "
             "| peak RSS, first step | between refreshes | refresh step |",

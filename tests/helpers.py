@@ -44,3 +44,15 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, dtype=torc
         opt.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def grad_bytes_alive(params) -> int:
+    """Bytes of the parameters' live ``.grad`` tensors; a layer-wise ``ConsumedGrad`` marker
+    has no storage (checked in test_layerwise) and counts 0."""
+    from adarank.layerwise import ConsumedGrad
+
+    return sum(
+        p.grad.numel() * p.grad.element_size()
+        for p in params
+        if p.grad is not None and not isinstance(p.grad, ConsumedGrad)
+    )

@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from helpers import TinyNet, batch, train
+from helpers import TinyNet, batch, grad_bytes_alive, train
 from torch import nn
 
 import adarank
@@ -69,15 +69,6 @@ def test_layerwise_gives_the_parameters_of_the_normal_step(name):
     if hasattr(opt, "ranks"):
         assert lw.ranks() == opt.ranks() and len(lw.ranks()) == 2
         assert lw.state_bytes() == opt.state_bytes()
-
-
-def grad_bytes_alive(params: list[torch.Tensor]) -> int:
-    # A ConsumedGrad marker has no storage (checked in test_consumed_marker_holds_no_memory).
-    return sum(
-        p.grad.numel() * p.grad.element_size()
-        for p in params
-        if p.grad is not None and not isinstance(p.grad, ConsumedGrad)
-    )
 
 
 def test_layerwise_peak_gradient_memory_drops():
