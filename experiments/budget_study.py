@@ -107,6 +107,16 @@ def collect(root: Path) -> dict[str, Any]:
                     for k in ("attention", "mlp")
                 },
                 "tokens_per_s": summary["tokens_per_s"],
+                # Per evaluation: step, validation perplexity, state bytes, mean ranks.
+                "curve": [
+                    {
+                        "step": e["step"],
+                        "val_ppl": e["val_ppl"],
+                        "state_bytes": e["state_bytes"]["total"],
+                        **mean_rank_by_type(e["ranks"]),
+                    }
+                    for e in evals
+                ],
                 "threads": json.loads((d / "config.json").read_text())["threads"],
             }
         )

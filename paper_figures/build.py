@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 from adarank.analysis.plots import save_figure  # noqa: E402
 from experiments.compare import comparison_table  # noqa: E402
 from paper_figures import (  # noqa: E402
+    fig_budget,
     fig_lr_sweep,
     fig_memory,
     fig_perplexity,
@@ -169,6 +170,8 @@ class Studies:
         for budget, runs in self.rank.items():
             if runs:
                 out.append((f"{fig_rank_study.NAME}_{budget}", fig_rank_study, runs))
+        if self.budget["runs"]:
+            out.append((fig_budget.NAME, fig_budget, self.budget))
         return out
 
     def markdown(self, out: Path, link_from: Path, level: int) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from experiments import budget_study, sweep
-from paper_figures import studies
+from paper_figures import fig_budget, studies
 
 
 def test_budget_is_galore_rank_32_state_on_the_cpu_decoder():
@@ -34,8 +34,10 @@ def _finish(run: budget_study.BudgetRun, root: Path, ppl: float, ranks: dict[str
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps({"threads": 1}))
     evals = [
-        {"kind": "eval", "state_bytes": {"total": total}, "ranks": ranks} for total in (100, 300)
-    ]
+        {"kind": "eval", "step": step, "val_ppl": ppl + 50 - step / 10,
+         "state_bytes": {"total": total}, "ranks": ranks}
+        for step, total in ((100, 100), (500, 300))
+    ]  # fmt: skip
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(e) for e in evals) + "\n")
     summary = {"val_ppl": ppl, "tokens_per_s": 5.0, "ranks": ranks}
     (d / "summary.json").write_text(json.dumps(summary))
@@ -61,6 +63,11 @@ def test_report_and_table_from_finished_runs(tmp_path: Path):
     assert studies.budget_markdown(budget_study.collect(tmp_path / "none"), "###").endswith(
         "No run has finished yet.\n"
     )
+    fig = fig_budget.figure(report)
+    left, right = fig.axes
+    assert len(left.lines) == 3 and len(right.lines) == 6  # per run; attention and MLP
+    assert list(right.lines[1].get_ydata()) == [40.0, 40.0]
+    assert list(left.lines[0].get_xdata()) == [100, 500]
 
 
 @pytest.mark.parametrize("bad", [["--jobs", "0"], ["--threads", "0"]])
