@@ -218,7 +218,8 @@ def budget_markdown(report: dict[str, Any], heading: str) -> str:
         f"{report['rank']}'s state after one step). State: mean and largest over the "
         "evaluations (every 100 steps). Ranks: mean over the attention (q, k, v, o) and MLP "
         "(gate, up, down) matrices, averaged over the evaluations and at the end. One seed: "
-        "a difference is a lead, not a result. Command: "
+        "a difference is a lead, not a result. Tokens/s is wall clock on a shared 2-core "
+        "machine, not comparable between runs. Command: "
         "`python -m experiments.budget_study run`.",
     ]
     if not rows:
