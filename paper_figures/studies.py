@@ -68,6 +68,7 @@ class StudyRun:
     tokens_per_step: int
     gradient: SpectrumLog
     ema: SpectrumLog
+    val_ppl: float | None = None  # the run's final validation perplexity (summary.json)
 
 
 def load_rank_study(root: Path = RANK_ROOT, budget: str = "long") -> list[StudyRun]:
@@ -82,7 +83,8 @@ def load_rank_study(root: Path = RANK_ROOT, budget: str = "long") -> list[StudyR
         except LogError as err:
             raise InputError(str(err)) from err
         tokens = planned.multiplier * rank_study.MICRO_BATCH * rank_study.SEQ_LEN
-        runs.append(StudyRun(planned.multiplier, tokens, *logs))
+        ppl = sweep.read_summary(d).get("val_ppl")  # type: ignore[union-attr]
+        runs.append(StudyRun(planned.multiplier, tokens, *logs, val_ppl=ppl))
     return sorted(runs, key=lambda r: r.multiplier)
 
 
@@ -196,7 +198,39 @@ def rank_study_markdown(runs: list[StudyRun], heading: str, budget: str = "long"
         table.append(f"| ×{run.multiplier} | {run.tokens_per_step} | {steps} | "
                      + " | ".join(cells) + " |")  # fmt: skip
     parts.append("\n".join(table))
+    parts.append(_equal_steps_table(runs))
     return "\n\n".join(parts) + "\n"
+
+
+# Steps at which the rank-study runs are compared step for step (each run's record nearest).
+EQUAL_STEPS = (16, 64, 256, 1024)
+
+
+def _equal_steps_table(runs: list[StudyRun]) -> str:
+    """G's energy rank (η = 0.9; attention / MLP) at equal optimizer steps: the larger batches
+    take fewer steps for the same tokens, so this separates "how many steps" from "how many
+    tokens per step"."""
+    lines = [
+        "At equal steps instead of equal tokens: G's mean energy rank (attention / MLP) at the "
+        "record nearest each step, and the final validation perplexity.",
+        "",
+        "| batch | " + " | ".join(f"step {s}" for s in EQUAL_STEPS) + " | final val ppl |",
+        "|---|" + "---|" * len(EQUAL_STEPS) + "---:|",
+    ]
+    for run in runs:
+        steps = np.asarray(run.gradient.steps)
+        attention = mean_over(run.gradient, "energy_rank_0.9", ATTENTION)
+        mlp = mean_over(run.gradient, "energy_rank_0.9", MLP)
+        cells = []
+        for target in EQUAL_STEPS:
+            if target > steps[-1] + 1:
+                cells.append("–")
+                continue
+            i = int(np.argmin(np.abs(steps - target)))
+            cells.append(f"{_fmt(attention[i])} / {_fmt(mlp[i])} ({int(steps[i])})")
+        cells.append(_fmt(run.val_ppl, 1))
+        lines.append(f"| ×{run.multiplier} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def load_budget(root: Path = BUDGET_ROOT) -> dict[str, Any]:

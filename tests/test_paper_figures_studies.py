@@ -80,3 +80,14 @@ def test_unreadable_finished_study_run_is_an_input_error(tmp_path: Path) -> None
     (d / "spectrum.jsonl").write_text("not json\n")
     with pytest.raises(studies.InputError):
         studies.load_rank_study(tmp_path)
+
+
+def test_rank_study_compares_runs_at_equal_steps(tmp_path: Path) -> None:
+    # 70 records (steps 0..69): steps 16 and 64 exist, 256 and 1024 do not ("–").
+    run = rank_study.runs()[0]
+    ranks = [float(i) for i in range(70)]
+    _finish_study_run(run, tmp_path, ranks, ranks)
+    (run.directory(tmp_path) / "summary.json").write_text(json.dumps({"val_ppl": 123.45}))
+    text = studies.rank_study_markdown(studies.load_rank_study(tmp_path), "###")
+    row = next(line for line in text.splitlines() if line.startswith(f"| ×{run.multiplier} | 16."))
+    assert row == f"| ×{run.multiplier} | 16.0 / 16.0 (16) | 64.0 / 64.0 (64) | – | – | 123.5 |"
