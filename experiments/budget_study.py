@@ -149,7 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             done = "done" if sweep.read_summary(run.directory(args.root)) else "todo"
             print(done, " ".join(run.command(args.root, args.threads)))
         return 0
-    return 1 if sweep.execute(runs(), args.root, args.jobs, args.threads) else 0
+    return (
+        1 if sweep.execute(runs(), args.root, args.jobs, args.threads, "budget study runs") else 0
+    )
 
 
 if __name__ == "__main__":

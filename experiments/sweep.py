@@ -195,12 +195,14 @@ def plan(stage: str, root: Path) -> list[Run]:
     raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
 
 
-def execute(runs: Sequence[Run], root: Path, jobs: int, threads: int) -> int:
+def execute(
+    runs: Sequence[Any], root: Path, jobs: int, threads: int, desc: str = "sweep runs"
+) -> int:
     """Run what is unfinished, ``jobs`` processes at a time; returns the number that failed."""
     todo = [r for r in runs if read_summary(r.directory(root)) is None]
     failed = 0
     active: list[tuple[Run, subprocess.Popen[bytes], Any]] = []
-    with tqdm(total=len(runs), initial=len(runs) - len(todo), desc="sweep runs") as bar:
+    with tqdm(total=len(runs), initial=len(runs) - len(todo), desc=desc) as bar:
         while todo or active:
             while todo and len(active) < jobs:
                 run = todo.pop(0)
