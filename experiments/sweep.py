@@ -12,9 +12,12 @@ unfinished ones continue from their last checkpoint, and the rest start::
 Stages (all on the same tokens: one seed fixes weights, batches and sketches for every optimizer):
 
 - ``lr``: each optimizer of `ARMS` over its three learning rates (`LR_GRID`, spaced ×3), seed 0,
-  `LR_STEPS` steps.
+  `LR_STEPS` steps. Where an optimizer's best finished run sits at an edge of its grid, the grid
+  grows one step past that edge (up to `MAX_EXTENSIONS` steps), so every best is bracketed by a
+  worse learning rate on both sides; ``run --stage lr`` re-plans until nothing is left to add.
 - ``seeds``: each optimizer at its best learning rate of the ``lr`` stage (lowest final
-  validation perplexity) with seeds 0, 1, 2 for `SEED_STEPS` steps.
+  validation perplexity) with seeds 0, 1, 2 for `SEED_STEPS` steps, seed 0 of every optimizer
+  first.
 - ``equal_memory``: GaLore at the fixed rank whose optimizer state is closest to AdaRankAdamW's
   average state over its seeded runs, at GaLore's best learning rate, seeds 0, 1, 2.
 
@@ -58,6 +61,8 @@ LR_GRID: dict[str, tuple[float, ...]] = {
     "adarank": (3e-3, 1e-2, 3e-2),
     "adarank_residual": (3e-3, 1e-2, 3e-2),
 }
+# Learning rates added past a grid's edge, per optimizer, at most (×3 each: 1e-3 -> 3e-4 -> 1e-4).
+MAX_EXTENSIONS = 2
 LR_STEPS = 1000
 SEED_STEPS = 3000
 SEEDS = (0, 1, 2)
@@ -101,34 +106,84 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _ladder_step(lr: float, up: bool) -> float:
+    """The next learning rate on the 1, 3, 10, 30, ... ladder (×3 or ×10/3, as the grids)."""
+    mantissa, exponent = f"{lr:.0e}".split("e")
+    m, e = int(mantissa), int(exponent)
+    if m not in (1, 3):
+        raise ValueError(f"learning rate {lr:g} is not on the 1-3-10 ladder of the grids")
+    if up:
+        return float(f"{3 if m == 1 else 1}e{e if m == 1 else e + 1}")
+    return float(f"{3 if m == 1 else 1}e{e - 1 if m == 1 else e}")
+
+
+def _finished_scores(root: Path, arm: str, lrs: Sequence[float]) -> dict[float, float]:
+    scores = {}
+    for lr in lrs:
+        summary = read_summary(Run("lr", arm, lr, 0, LR_STEPS).directory(root))
+        if summary is not None:
+            scores[lr] = summary["val_ppl"]
+    return scores
+
+
+def arm_lrs(arm: str, root: Path | None = None) -> list[float]:
+    """The arm's learning rates, ascending: `LR_GRID`, grown past an edge that holds the best.
+
+    Without ``root`` (nothing finished yet) this is the base grid. With it, while the lowest
+    finished perplexity is at the lowest (highest) learning rate planned, one more learning rate
+    a ladder step lower (higher) is planned, `MAX_EXTENSIONS` times at most.
+    """
+    lrs = sorted(LR_GRID[arm])
+    if root is None:
+        return lrs
+    for _ in range(MAX_EXTENSIONS):
+        scores = _finished_scores(root, arm, lrs)
+        if not scores:
+            break
+        best = min(scores, key=lambda lr: (scores[lr], lr))
+        if best == lrs[0]:
+            lrs.insert(0, _ladder_step(best, up=False))
+        elif best == lrs[-1]:
+            lrs.append(_ladder_step(best, up=True))
+        else:
+            break
+    return lrs
+
+
 def best_lrs(root: Path) -> dict[str, float]:
     """Each arm's learning rate with the lowest final validation perplexity in the lr stage.
 
-    Raises ValueError while an arm's lr stage is unfinished (its choice is not made yet).
+    Raises ValueError while an arm's lr stage (its extensions included) is unfinished.
     """
     best: dict[str, float] = {}
     for arm in ARMS:
-        scores = {}
-        for run in lr_stage():
-            if run.arm != arm:
-                continue
-            summary = read_summary(run.directory(root))
-            if summary is None:
-                raise ValueError(f"lr stage unfinished: {run.directory(root)} has no summary")
-            scores[run.lr] = summary["val_ppl"]
+        lrs = arm_lrs(arm, root)
+        scores = _finished_scores(root, arm, lrs)
+        for lr in lrs:
+            if lr not in scores:
+                run_dir = Run("lr", arm, lr, 0, LR_STEPS).directory(root)
+                raise ValueError(f"lr stage unfinished: {run_dir} has no summary")
         best[arm] = min(scores, key=lambda lr: (scores[lr], lr))
     return best
 
 
-def lr_stage() -> list[Run]:
-    # Every arm's middle (published-default) learning rate first, then the lower, then the
-    # higher one: a sweep cut short still has every optimizer in it.
-    return [Run("lr", arm, sorted(LR_GRID[arm])[i], 0, LR_STEPS) for i in (1, 0, 2) for arm in ARMS]
+def lr_stage(root: Path | None = None) -> list[Run]:
+    """The lr stage's runs: the base grids, then the learning rates added past their edges.
+
+    Every arm's middle (published-default) learning rate comes first, then the lower, then the
+    higher one: a sweep cut short still has every optimizer in it.
+    """
+    runs = [Run("lr", arm, sorted(LR_GRID[arm])[i], 0, LR_STEPS) for i in (1, 0, 2) for arm in ARMS]
+    for arm in ARMS:
+        runs += [
+            Run("lr", arm, lr, 0, LR_STEPS) for lr in arm_lrs(arm, root) if lr not in LR_GRID[arm]
+        ]
+    return runs
 
 
 def seed_stage(root: Path) -> list[Run]:
     best = best_lrs(root)
-    return [Run("seeds", arm, best[arm], seed, SEED_STEPS) for arm in ARMS for seed in SEEDS]
+    return [Run("seeds", arm, best[arm], seed, SEED_STEPS) for seed in SEEDS for arm in ARMS]
 
 
 def mean_state_bytes(run_dir: Path) -> float:
@@ -187,7 +242,7 @@ def equal_memory_stage(root: Path) -> list[Run]:
 
 def plan(stage: str, root: Path) -> list[Run]:
     if stage == "lr":
-        return lr_stage()
+        return lr_stage(root)
     if stage == "seeds":
         return seed_stage(root)
     if stage == "equal_memory":
@@ -249,18 +304,20 @@ def collect(root: Path) -> dict[str, Any]:
     """Every finished run under ``root``: the lr stage's perplexities, each arm's best lr, and
     the seeded rows (mean ± std over seeds, state, tokens/s). Reads only."""
     lr_rows = []
-    for run in lr_stage():
+    for run in lr_stage(root):
         s = read_summary(run.directory(root))
         if s is not None:
             lr_rows.append({"arm": run.arm, "lr": run.lr, "val_ppl": s["val_ppl"]})
-    out: dict[str, Any] = {"lr_sweep": lr_rows, "seeds": [], "grid": LR_GRID}
+    grid = {arm: arm_lrs(arm, root) for arm in ARMS}
+    out: dict[str, Any] = {"lr_sweep": lr_rows, "seeds": [], "grid": grid}
     try:
         best = best_lrs(root)
     except ValueError:
         best = {}
     out["best_lr"] = best
+    # Still at an edge once the grid has grown MAX_EXTENSIONS steps: not bracketed.
     out["best_at_grid_edge"] = sorted(
-        a for a, lr in best.items() if lr in (min(LR_GRID[a]), max(LR_GRID[a]))
+        a for a, lr in best.items() if lr in (min(grid[a]), max(grid[a]))
     )
     groups: dict[tuple[str, str, float, int | None], list[dict[str, Any]]] = {}
     for stage_dir in ("seeds", "equal_memory"):
@@ -344,7 +401,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BrokenPipeError:  # `plan | head`
             sys.stderr.close()
         return 0
-    return 1 if execute(runs, args.root, args.jobs, args.threads) else 0
+    while True:
+        if execute(runs, args.root, args.jobs, args.threads):
+            return 1
+        if args.stage != "lr":
+            return 0
+        # Finished lr runs may have put a best at a grid's edge: plan what that adds.
+        runs = [
+            r for r in plan(args.stage, args.root) if read_summary(r.directory(args.root)) is None
+        ]
+        if not runs:
+            return 0
 
 
 if __name__ == "__main__":

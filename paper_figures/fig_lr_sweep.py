@@ -1,8 +1,8 @@
 """Validation perplexity against learning rate, one line per optimizer (the sweep's lr stage).
 
 Each point is one run of `experiments.sweep` (seed 0, the same tokens for every optimizer); the
-ringed point is the optimizer's best, which its seeded runs then use. A best at the edge of the
-grid means the grid should grow on that side.
+ringed point is the optimizer's best, which its seeded runs then use. The sweep grows a grid
+past an edge that holds the best, so a finished curve rises on both sides of its ring.
 """
 
 from __future__ import annotations

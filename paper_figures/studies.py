@@ -57,7 +57,7 @@ def load_sweep(root: Path = SWEEP_ROOT) -> SweepResult:
         report = sweep.collect(root)
     except (OSError, json.JSONDecodeError, KeyError) as err:
         raise InputError(f"{shown(root)}: unreadable sweep results ({err})") from err
-    return SweepResult(report, len(sweep.lr_stage()))
+    return SweepResult(report, len(sweep.lr_stage(root)))
 
 
 @dataclass
@@ -109,7 +109,8 @@ def sweep_markdown(result: SweepResult, heading: str) -> str:
         "Final validation perplexity; **bold**: the optimizer's best, rerun with seeds. "
         "Command: `python -m experiments.sweep run --stage lr`.",
     ]
-    lrs = sorted({lr for grid in sweep.LR_GRID.values() for lr in grid})
+    grid = result.report["grid"]  # each arm's learning rates, grown past an edge holding its best
+    lrs = sorted({lr for arm_lrs in grid.values() for lr in arm_lrs})
     table = ["| optimizer | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
              "|---|" + "---:|" * len(lrs)]  # fmt: skip
     best = result.report["best_lr"]
@@ -117,7 +118,7 @@ def sweep_markdown(result: SweepResult, heading: str) -> str:
         cells = []
         for lr in lrs:
             found = [r["val_ppl"] for r in rows if r["arm"] == arm and r["lr"] == lr]
-            if lr not in sweep.LR_GRID[arm]:
+            if lr not in grid[arm]:
                 cells.append("")
             elif not found:
                 cells.append("not run yet")
@@ -128,7 +129,10 @@ def sweep_markdown(result: SweepResult, heading: str) -> str:
     parts.append("\n".join(table))
     if result.report["best_at_grid_edge"]:
         edge = ", ".join(ARM_LABELS[a] for a in result.report["best_at_grid_edge"])
-        parts.append(f"Best at the edge of its grid (the grid should grow there): {edge}.")
+        parts.append(
+            f"Best still at the edge of its grid after {sweep.MAX_EXTENSIONS} added learning "
+            f"rates (not bracketed): {edge}."
+        )
     seeded = result.report["seeds"]
     if not seeded:
         parts.append(

@@ -47,7 +47,8 @@ def test_best_lr_is_the_lowest_final_perplexity_and_seeds_rerun_it(tmp_path: Pat
 
 def test_report_gives_mean_and_sample_std_over_seeds_and_state_ratio(tmp_path: Path) -> None:
     for run in sweep.lr_stage():
-        _finish(run, tmp_path, 100.0 + run.lr, [1])
+        middle = sorted(sweep.LR_GRID[run.arm])[1]
+        _finish(run, tmp_path, 100.0 + abs(run.lr - middle), [1])
     ppl = {"adamw": [30.0, 31.0, 32.5], "adarank": [29.0, 29.5, 31.0]}
     for arm, values in ppl.items():
         lr = sweep.best_lrs(tmp_path)[arm]
@@ -87,3 +88,46 @@ def test_lr_stage_puts_every_arms_default_first() -> None:
     first = sweep.lr_stage()[: len(sweep.ARMS)]
     assert [r.arm for r in first] == list(sweep.ARMS)
     assert all(r.lr == sorted(sweep.LR_GRID[r.arm])[1] for r in first)
+
+
+def test_ladder_steps_follow_the_grids_spacing() -> None:
+    assert sweep._ladder_step(1e-3, up=False) == 3e-4
+    assert sweep._ladder_step(3e-4, up=False) == 1e-4
+    assert sweep._ladder_step(3e-2, up=True) == 1e-1
+    assert sweep._ladder_step(1e-2, up=True) == 3e-2
+    with pytest.raises(ValueError, match="ladder"):
+        sweep._ladder_step(2e-3, up=True)
+
+
+def test_a_best_at_the_grids_edge_grows_the_grid_until_it_is_bracketed(tmp_path: Path) -> None:
+    # AdamW's perplexity falls all the way down to lr 1e-4: two extensions below its grid.
+    def ppl(run: sweep.Run) -> float:
+        return 100.0 + 1e4 * abs(run.lr - (1e-4 if run.arm == "adamw" else 1e-2))
+
+    base = sweep.lr_stage(tmp_path)
+    assert base == sweep.lr_stage()  # nothing finished: the base grids
+    for run in base:
+        _finish(run, tmp_path, ppl(run), [1])
+    added = [r for r in sweep.lr_stage(tmp_path) if r not in base]
+    assert [(r.arm, r.lr) for r in added] == [("adamw", 3e-4)]
+    with pytest.raises(ValueError, match="lr stage unfinished"):
+        sweep.best_lrs(tmp_path)  # the seeds wait for the added run
+    _finish(added[0], tmp_path, ppl(added[0]), [1])
+    added = [r for r in sweep.lr_stage(tmp_path) if r not in base]
+    assert [(r.arm, r.lr) for r in added] == [("adamw", 1e-4), ("adamw", 3e-4)]
+    _finish(added[0], tmp_path, ppl(added[0]), [1])
+    # The cap: 1e-4 is still the best and at the edge, but the grid grows no further.
+    assert len(sweep.lr_stage(tmp_path)) == len(base) + sweep.MAX_EXTENSIONS
+    assert sweep.best_lrs(tmp_path)["adamw"] == 1e-4
+    report = sweep.report(tmp_path)
+    assert report["best_at_grid_edge"] == ["adamw"]
+    assert report["grid"]["adamw"] == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+    assert len(report["lr_sweep"]) == len(base) + 2
+
+
+def test_seed_stage_runs_seed_0_of_every_arm_first(tmp_path: Path) -> None:
+    for run in sweep.lr_stage():
+        middle = sorted(sweep.LR_GRID[run.arm])[1]
+        _finish(run, tmp_path, 100.0 + abs(run.lr - middle) * 1e3, [1])
+    first = sweep.plan("seeds", tmp_path)[: len(sweep.ARMS)]
+    assert [r.arm for r in first] == list(sweep.ARMS) and {r.seed for r in first} == {0}
