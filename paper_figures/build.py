@@ -22,6 +22,7 @@ from adarank.analysis.plots import save_figure  # noqa: E402
 from experiments.compare import comparison_table  # noqa: E402
 from paper_figures import (  # noqa: E402
     fig_budget,
+    fig_genre_ranks,
     fig_lr_sweep,
     fig_memory,
     fig_perplexity,
@@ -156,11 +157,16 @@ class Studies:
     """The sweep and the rank study, read once; which figures they can draw; their text."""
 
     def __init__(
-        self, sweep_root: Path, rank_root: Path, budget_root: Path = studies.BUDGET_ROOT
+        self,
+        sweep_root: Path,
+        rank_root: Path,
+        budget_root: Path = studies.BUDGET_ROOT,
+        genre_root: Path = studies.GENRE_ROOT,
     ) -> None:
         self.sweep = studies.load_sweep(sweep_root)
         self.rank = {b: studies.load_rank_study(rank_root, b) for b in studies.RANK_BUDGETS}
         self.budget = studies.load_budget(budget_root)
+        self.genre = studies.load_genre(genre_root)
 
     def drawable(self) -> list[tuple[str, ModuleType, object]]:
         """(file name, figure module, its input) for every study with a finished run."""
@@ -172,6 +178,8 @@ class Studies:
                 out.append((f"{fig_rank_study.NAME}_{budget}", fig_rank_study, runs))
         if self.budget["runs"]:
             out.append((fig_budget.NAME, fig_budget, self.budget))
+        if self.genre:
+            out.append((fig_genre_ranks.NAME, fig_genre_ranks, self.genre))
         return out
 
     def markdown(self, out: Path, link_from: Path, level: int) -> str:
@@ -180,6 +188,7 @@ class Studies:
         parts += [studies.rank_study_markdown(runs, heading, budget)
                   for budget, runs in self.rank.items()]  # fmt: skip
         parts.append(studies.budget_markdown(self.budget, heading))
+        parts.append(studies.genre_markdown(self.genre, heading))
         for name, module, _ in self.drawable():
             link = os.path.relpath(out / "studies" / f"{name}.png", link_from)
             parts.append(f"![{module.TITLE} ({name})]({Path(link).as_posix()})\n")
@@ -247,11 +256,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=studies.BUDGET_ROOT,
         help=f"experiments.budget_study results (default {shown(studies.BUDGET_ROOT)})",
     )
+    parser.add_argument(
+        "--genre-root",
+        type=Path,
+        default=studies.GENRE_ROOT,
+        help=f"experiments.genre_finetune results (default {shown(studies.GENRE_ROOT)})",
+    )
     args = parser.parse_args(argv)
     figures = [f for f in FIGURES if args.figure is None or f.NAME in args.figure]
     try:
         comparisons = load_comparisons(args.runs)
-        study = Studies(args.sweep_root, args.rank_study_root, args.budget_root)
+        study = Studies(args.sweep_root, args.rank_study_root, args.budget_root, args.genre_root)
         if args.readme is not None:
             if not args.readme.is_file():
                 raise InputError(f"{shown(args.readme)}: no such file (or pass --no-readme)")

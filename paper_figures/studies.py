@@ -1,6 +1,8 @@
-"""The two studies beside the comparisons: the learning-rate sweep and the rank study.
+"""The studies beside the comparisons: the learning-rate sweep, the rank study, the equal-memory
+budget study and the MiniLM genre fine-tuning.
 
-Both are read from their result folders (``results/sweep``, ``results/rank_study``) as far as
+Each is read from its result folder (``results/sweep``, ``results/rank_study``,
+``results/budget``, ``results/finetune_genre``) as far as
 they have finished: a study with no finished run is left out of the figures and the text says
 so; a finished run whose files are unreadable is an `InputError`. The tables say how many of the
 planned runs each number rests on, so a partial study is never mistaken for a whole one.
@@ -16,12 +18,13 @@ from typing import Any
 import numpy as np
 
 from adarank.analysis import LogError, SpectrumLog, load_log
-from experiments import budget_study, rank_study, sweep
+from experiments import budget_study, genre_finetune, rank_study, sweep
 from paper_figures.common import REPO, InputError, shown
 
 SWEEP_ROOT = REPO / "results" / "sweep"
 RANK_ROOT = REPO / "results" / "rank_study"
 BUDGET_ROOT = REPO / "results" / "budget"
+GENRE_ROOT = REPO / "results" / "finetune_genre"
 ARM_LABELS = {
     "adamw": "AdamW",
     "galore": "GaLore",
@@ -285,4 +288,131 @@ def budget_markdown(report: dict[str, Any], heading: str) -> str:
     parts.append("\n".join(table))
     if report["best_lr"]:
         parts.append("**Bold**: the optimizer's best learning rate of the three.")
+    return "\n\n".join(parts) + "\n"
+
+
+# -- the genre fine-tuning ------------------------------------------------------------------------
+
+GENRE_LABELS = {"adamw": "AdamW", "galore": "GaLore", "adarank": "AdaRankAdamW"}
+
+
+@dataclass
+class GenreRun:
+    """One finished MiniLM genre run: its summary, spectrum log and AdaRank's chosen ranks."""
+
+    summary: dict[str, Any]
+    spectrum: SpectrumLog | None
+    rank_steps: np.ndarray  # (E,) steps of the evaluations that logged the optimizer's ranks
+    ranks: dict[str, np.ndarray]  # layer -> (E,) chosen rank at those evaluations
+    best: bool  # the optimizer's best run on validation accuracy
+
+    @property
+    def optimizer(self) -> str:
+        return str(self.summary["optimizer"])
+
+    @property
+    def label(self) -> str:
+        return f"{GENRE_LABELS.get(self.optimizer, self.optimizer)}, lr {self.summary['lr']:g}"
+
+    def mean_chosen_rank(self, kinds: tuple[str, ...]) -> np.ndarray:
+        """(E,) the optimizer's rank averaged over the layers whose type is in ``kinds``."""
+        from adarank.analysis.layer_types import layer_type
+
+        rows = [v for name, v in self.ranks.items() if layer_type(name) in kinds]
+        return np.mean(rows, axis=0) if rows else np.full(len(self.rank_steps), np.nan)
+
+
+def load_genre(root: Path = GENRE_ROOT) -> list[GenreRun]:
+    """The finished runs of `experiments.genre_finetune` under ``root``, by optimizer and lr."""
+    try:
+        found = genre_finetune.collect(root)
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise InputError(f"{shown(root)}: unreadable fine-tuning results ({err})") from err
+    runs = []
+    for summary in found["runs"]:
+        d = Path(summary["dir"])
+        spectrum = None
+        if (d / "spectrum.jsonl").is_file():
+            try:
+                spectrum = load_log(d / "spectrum.jsonl")
+            except LogError as err:
+                raise InputError(str(err)) from err
+        steps: list[int] = []
+        ranks: dict[str, list[int]] = {}
+        try:
+            with open(d / "metrics.jsonl") as fh:
+                evals = [r for r in map(json.loads, fh) if r.get("kind") == "eval" and "ranks" in r]
+        except (OSError, json.JSONDecodeError) as err:
+            raise InputError(f"{shown(d / 'metrics.jsonl')}: unreadable ({err})") from err
+        for record in evals:
+            steps.append(record["step"])
+            for name, rank in record["ranks"].items():
+                ranks.setdefault(name, []).append(rank)
+        best = found["best"].get(summary["optimizer"]) is summary
+        arrays = {name: np.asarray(v, dtype=float) for name, v in ranks.items()}
+        runs.append(GenreRun(summary, spectrum, np.asarray(steps), arrays, best))
+    order = list(GENRE_LABELS)
+    return sorted(runs, key=lambda r: (order.index(r.optimizer), r.summary["lr"]))
+
+
+def _rank_path(log: SpectrumLog | None, kinds: tuple[str, ...]) -> str:
+    """Mean energy rank (η = 0.9) of G: at the first record, its lowest (step), at the end."""
+    if log is None or not len(log.steps):
+        return "–"
+    series = mean_over(log, "energy_rank_0.9", kinds)
+    low = int(np.nanargmin(series))
+    return f"{_fmt(series[0])} → {_fmt(series[low])} ({int(log.steps[low])}) → {_fmt(series[-1])}"
+
+
+def genre_markdown(runs: list[GenreRun], heading: str) -> str:
+    """Accuracy, state and the rank trajectory of every finished fine-tuning run."""
+    planned = sum(len(lrs) for lrs in genre_finetune.LR_GRID.values())
+    parts = [
+        f"{heading} Fine-tuning MiniLM on First Folio genres ({len(runs)} of {planned} runs "
+        "finished)",
+        "`all-MiniLM-L6-v2` (22.7M parameters) classifies 126-token passages as comedy, history "
+        "or tragedy; plays are split whole between train, validation and test. Each run stops "
+        "when validation accuracy has not improved for 4 evaluations (half an epoch apart); "
+        "test accuracy is that of the best validation checkpoint (192 test passages from 6 "
+        "plays, so one passage is 0.5 points). The low-rank optimizers project the 36 encoder "
+        "matrices at rank ≤ 8; the embeddings, pooler and head get plain AdamW in every run. "
+        "Energy rank: G's mean over the attention (q, k, v, o) or MLP (up, down) matrices at "
+        "η = 0.9, first record → lowest (step) → last. One seed each. Command: "
+        "`python -m experiments.genre_finetune sweep --threads 1`.",
+    ]
+    if not runs:
+        parts.append("No run has finished yet.")
+        return "\n\n".join(parts) + "\n"
+    adamw = next((r for r in runs if r.optimizer == "adamw"), None)
+    table = [
+        "| optimizer | lr | steps (epochs) | stopped | best val acc | test acc | state MiB "
+        "| state / AdamW | attention energy rank | MLP energy rank | chosen rank (attn / MLP, "
+        "end) |",
+        "|---|---:|---|---|---:|---:|---:|---:|---|---|---|",
+    ]
+    for run in runs:
+        s = run.summary
+        state = s["state_bytes"]["total"]
+        ratio = state / adamw.summary["state_bytes"]["total"] if adamw else None
+        acc = f"{s['best_val_acc']:.3f}"
+        chosen = "–"
+        if run.optimizer == "adarank" and run.ranks:
+            ends = [run.mean_chosen_rank(k)[-1] for k in (ATTENTION, MLP)]
+            chosen = f"{_fmt(ends[0])} / {_fmt(ends[1])}"
+        cells = [
+            GENRE_LABELS.get(run.optimizer, run.optimizer),
+            f"{s['lr']:g}",
+            f"{s['steps']} ({s['epochs']:.1f})",
+            s["stopped"],
+            f"**{acc}**" if run.best else acc,
+            f"{s['test_acc']:.3f}",
+            f"{state / 2**20:.1f}",
+            "–" if ratio is None else f"{ratio:.2f}×",
+            _rank_path(run.spectrum, ATTENTION),
+            _rank_path(run.spectrum, MLP),
+            chosen,
+        ]
+        table.append("| " + " | ".join(cells) + " |")
+    parts.append("\n".join(table))
+    parts.append("**Bold**: the optimizer's best run on validation accuracy.")
     return "\n\n".join(parts) + "\n"

@@ -64,12 +64,12 @@ def test_rank_study_table_reports_low_point_and_end_per_type(tmp_path: Path) -> 
 def test_build_draws_only_the_studies_that_have_runs(tmp_path: Path) -> None:
     sweep_root, rank_root, out = tmp_path / "sweep", tmp_path / "rank", tmp_path / "out"
     _finish_sweep_run(sweep.lr_stage()[0], sweep_root, 99.0)
-    found = build.Studies(sweep_root, rank_root, tmp_path / "budget")
+    found = build.Studies(sweep_root, rank_root, tmp_path / "budget", tmp_path / "genre")
     assert [name for name, _, _ in found.drawable()] == ["lr_sweep"]
     paths = build.build([], out, study=found)
     assert [p.name for p in paths] == ["lr_sweep.png"]
     assert paths[0].read_bytes().startswith(PNG_SIGNATURE)
-    assert found.markdown(out, out, level=3).count("No run has finished yet.") == 3
+    assert found.markdown(out, out, level=3).count("No run has finished yet.") == 4
 
 
 def test_unreadable_finished_study_run_is_an_input_error(tmp_path: Path) -> None:
@@ -91,3 +91,66 @@ def test_rank_study_compares_runs_at_equal_steps(tmp_path: Path) -> None:
     text = studies.rank_study_markdown(studies.load_rank_study(tmp_path), "###")
     row = next(line for line in text.splitlines() if line.startswith(f"| ×{run.multiplier} | 16."))
     assert row == f"| ×{run.multiplier} | 16.0 / 16.0 (16) | 64.0 / 64.0 (64) | – | – | 123.5 |"
+
+
+BERT_LAYERS = [
+    ("bert.encoder.layer.0.attention.self.query.weight", "q"),
+    ("bert.encoder.layer.0.intermediate.dense.weight", "up"),
+]
+
+
+def _finish_genre_run(
+    root: Path,
+    optimizer: str,
+    lr: float,
+    acc: float,
+    state: int,
+    ranks: list[tuple[int, int]] | None,
+    energy: list[float],
+) -> None:
+    """What a finished `experiments.genre_finetune` run leaves: summary, metrics, spectrum."""
+    from experiments import genre_finetune
+
+    d = genre_finetune.run_dir(root, optimizer, lr, 0)
+    d.mkdir(parents=True)
+    summary = {"optimizer": optimizer, "lr": lr, "steps": 200, "epochs": 4.0,
+               "stopped": "patience", "best_val_acc": acc, "best_val_loss": 1.0 - acc,
+               "test_acc": acc - 0.1, "state_bytes": {"total": state}}  # fmt: skip
+    (d / "summary.json").write_text(json.dumps(summary))
+    evals = []
+    for step, (attention, mlp) in zip((50, 100, 200), ranks or [], strict=False):
+        names = [n for n, _ in BERT_LAYERS]
+        evals.append(
+            {"kind": "eval", "step": step, "ranks": dict(zip(names, (attention, mlp), strict=True))}
+        )
+    (d / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    header = {"layers": [{"name": n, "type": t} for n, t in BERT_LAYERS]}
+    with LogWriter(d / "spectrum.jsonl", header) as log:
+        for i, value in enumerate(energy):
+            values = {"energy_rank_0.9": value, "stable_rank": value / 2}
+            log.append({"kind": "record", "step": 20 * i,
+                        "layers": {n: values for n, _ in BERT_LAYERS}})  # fmt: skip
+
+
+def test_genre_table_reports_accuracy_state_ratio_and_rank_path(tmp_path: Path) -> None:
+    _finish_genre_run(tmp_path, "adamw", 6e-5, 0.70, 400, None, [10.0, 3.0, 5.0])
+    _finish_genre_run(tmp_path, "adarank", 1.8e-4, 0.60, 100, [(8, 8), (6, 7), (2, 5)],
+                      [12.0, 2.0, 4.0])  # fmt: skip
+    _finish_genre_run(tmp_path, "adarank", 5.4e-4, 0.65, 120, [(8, 8)], [9.0, 9.0, 9.0])
+    runs = studies.load_genre(tmp_path)
+    assert [(r.optimizer, r.best) for r in runs] == [
+        ("adamw", True), ("adarank", False), ("adarank", True)
+    ]  # fmt: skip
+    np.testing.assert_array_equal(runs[1].rank_steps, [50, 100, 200])
+    np.testing.assert_array_equal(runs[1].mean_chosen_rank(studies.MLP), [8, 7, 5])
+    text = studies.genre_markdown(runs, "###")
+    row = next(line for line in text.splitlines() if "| 0.00018 |" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # accuracy not bold (not the best adarank run), state 100 / AdamW's 400, first → low → end.
+    assert cells[4] == "0.600" and cells[7] == "0.25×"
+    assert cells[8] == "12.0 → 2.0 (20) → 4.0" and cells[10] == "2.0 / 5.0"
+    assert "**0.650**" in text and "(3 of 9 runs finished)" in text
+    found = build.Studies(tmp_path / "s", tmp_path / "r", tmp_path / "b", tmp_path)
+    assert [name for name, _, _ in found.drawable()] == ["genre_ranks"]
+    paths = build.build([], tmp_path / "out", study=found)
+    assert paths[0].read_bytes().startswith(PNG_SIGNATURE)
