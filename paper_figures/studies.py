@@ -370,7 +370,7 @@ def genre_markdown(runs: list[GenreRun], heading: str) -> str:
     parts = [
         f"{heading} Fine-tuning MiniLM on First Folio genres ({len(runs)} of {planned} runs "
         "finished)",
-        "`all-MiniLM-L6-v2` (22.7M parameters) classifies 126-token passages as comedy, history "
+        "`all-MiniLM-L6-v2` (22.7M parameters) classifies 128-token passages as comedy, history "
         "or tragedy; plays are split whole between train, validation and test. Each run stops "
         "when validation accuracy has not improved for 4 evaluations (half an epoch apart); "
         "test accuracy is that of the best validation checkpoint (192 test passages from 6 "
