@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from paper_figures.studies import ATTENTION, MLP, GenreRun, mean_over
 
@@ -40,6 +41,9 @@ def figure(runs: Sequence[GenreRun]) -> Figure:
                         marker=".", color=color, linewidth=width,
                         label=f"{run.label}: chosen rank")  # fmt: skip
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.set_title(f"{name} matrices", fontsize=10)
         ax.set_xlabel("epoch")

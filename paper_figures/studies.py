@@ -312,7 +312,7 @@ class GenreRun:
 
     @property
     def label(self) -> str:
-        return f"{GENRE_LABELS.get(self.optimizer, self.optimizer)}, lr {self.summary['lr']:g}"
+        return f"{GENRE_LABELS.get(self.optimizer, self.optimizer)}, lr {self.summary['lr']:.1e}"
 
     def mean_chosen_rank(self, kinds: tuple[str, ...]) -> np.ndarray:
         """(E,) the optimizer's rank averaged over the layers whose type is in ``kinds``."""
