@@ -95,6 +95,7 @@ def test_readme_section_between_markers_is_replaced(tmp_path: Path) -> None:
     # No study results here: this test is about the comparisons' section and its links.
     none = str(tmp_path / "none")
     no_studies = ["--sweep-root", none, "--rank-study-root", none, "--budget-root", none]
+    no_studies += ["--genre-root", none]
     assert main(["--runs", str(RUNS), "--out", str(out), "--readme", str(readme), *no_studies]) == 0
     text = readme.read_text()
     assert text.startswith(before + START) and text.endswith(END + after)
