@@ -3,14 +3,15 @@
 Columns: attention (q, k, v, o) and MLP (up, down) matrices of the encoder; each line is one
 finished run of `experiments.genre_finetune`, the mean over those matrices of G's energy rank at
 η = 0.9 (the smallest k with Σ_{i≤k} σᵢ² ≥ 0.9‖G‖_F²). Dotted, AdaRankAdamW runs only: the rank
-the optimizer chose at each evaluation (capped at 8). The x axis is in epochs, so runs that stop
-early end early.
+the optimizer chose at each evaluation (capped at 8), from the first refresh on. The x axis is
+in epochs, so runs that stop early end early.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
@@ -37,7 +38,9 @@ def figure(runs: Sequence[GenreRun]) -> Figure:
                 ax.plot(epochs, values, STYLES[i % 3], color=color, linewidth=width,
                         label=f"{run.label}: G")  # fmt: skip
             if run.optimizer == "adarank" and len(run.rank_steps):
-                ax.plot(run.rank_steps / per_epoch, run.mean_chosen_rank(kinds), ":",
+                chosen = run.mean_chosen_rank(kinds)
+                chosen[chosen <= 0] = np.nan  # evaluations before the first refresh (no rank)
+                ax.plot(run.rank_steps / per_epoch, chosen, ":",
                         marker=".", color=color, linewidth=width,
                         label=f"{run.label}: chosen rank")  # fmt: skip
         ax.set_yscale("log")
