@@ -406,9 +406,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         if args.stage != "lr":
             return 0
-        # Finished lr runs may have put a best at a grid's edge: plan what that adds.
+        # Finished lr runs may have put a best at a grid's edge: plan what that adds. Runs
+        # still unfinished after this pass (held by another driver) are not retried here.
+        done = set(runs)
         runs = [
-            r for r in plan(args.stage, args.root) if read_summary(r.directory(args.root)) is None
+            r
+            for r in plan(args.stage, args.root)
+            if r not in done and read_summary(r.directory(args.root)) is None
         ]
         if not runs:
             return 0

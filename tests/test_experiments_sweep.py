@@ -131,3 +131,25 @@ def test_seed_stage_runs_seed_0_of_every_arm_first(tmp_path: Path) -> None:
         _finish(run, tmp_path, 100.0 + abs(run.lr - middle) * 1e3, [1])
     first = sweep.plan("seeds", tmp_path)[: len(sweep.ARMS)]
     assert [r.arm for r in first] == list(sweep.ARMS) and {r.seed for r in first} == {0}
+
+
+def test_run_stops_when_another_driver_holds_the_only_unfinished_run(tmp_path: Path) -> None:
+    import fcntl
+
+    # AdamW's highest lr is held elsewhere; its best finished run is the middle one, so no run
+    # is added past an edge and nothing is left for this driver to start.
+    held = next(
+        r for r in sweep.lr_stage() if r.arm == "adamw" and r.lr == max(sweep.LR_GRID["adamw"])
+    )
+    for run in sweep.lr_stage():
+        if run != held:
+            middle = sorted(sweep.LR_GRID[run.arm])[1]
+            _finish(run, tmp_path, 100.0 + abs(run.lr - middle), [1])
+    assert [r for r in sweep.lr_stage(tmp_path) if r.directory(tmp_path).exists() is False] == [
+        held
+    ]
+    held.directory(tmp_path).mkdir(parents=True)
+    with open(held.directory(tmp_path) / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Skipped, not retried in a loop, and no failure: the other driver will finish it.
+        assert sweep.main(["run", "--stage", "lr", "--root", str(tmp_path), "--jobs", "1"]) == 0
