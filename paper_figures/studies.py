@@ -138,10 +138,15 @@ def sweep_markdown(result: SweepResult, heading: str) -> str:
         )
     seeded = result.report["seeds"]
     if not seeded:
+        when = (
+            "the lr stage has finished, so they can start"
+            if best
+            else "they start when the lr stage has finished"
+        )
         parts.append(
             f"Seeded runs ({len(sweep.SEEDS)} seeds × {sweep.SEED_STEPS} steps at each "
-            "optimizer's best lr, then the equal-memory GaLore row): not run yet; they start "
-            "when the lr stage has finished (`python -m experiments.sweep run --stage seeds`)."
+            f"optimizer's best lr, then the equal-memory GaLore row): not run yet; {when} "
+            "(`python -m experiments.sweep run --stage seeds`)."
         )
         return "\n\n".join(parts) + "\n"
     table = [
