@@ -15,12 +15,15 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
+from experiments.genre_finetune import LR_GRID
 from paper_figures.studies import ATTENTION, MLP, GenreRun, mean_over
 
 NAME = "genre_ranks"
 TITLE = "Gradient rank while fine-tuning MiniLM"
 COLORS = {"adamw": "#4d4d4d", "galore": "#d95f02", "adarank": "#1b9e77"}
-STYLES = ("-", "--", "-.", ":")
+# Line style by the lr's place in the optimizer's grid (low, middle, high); dotted is kept for
+# the chosen rank.
+STYLES = ("-", "--", "-.")
 
 
 def figure(runs: Sequence[GenreRun]) -> Figure:
@@ -28,14 +31,16 @@ def figure(runs: Sequence[GenreRun]) -> Figure:
     axes = fig.subplots(1, 2, sharex=True)
     for col, (kinds, name) in enumerate(((ATTENTION, "attention"), (MLP, "MLP"))):
         ax = axes[col]
-        for i, run in enumerate(runs):
+        for run in runs:
+            grid = sorted(LR_GRID.get(run.optimizer, ()))
+            style = STYLES[grid.index(run.summary["lr"]) % 3] if run.summary["lr"] in grid else "-"
             color = COLORS.get(run.optimizer, "black")
             per_epoch = run.summary["steps"] / max(run.summary["epochs"], 1e-9)
             width = 2.2 if run.best else 1.0
             if run.spectrum is not None:
                 epochs = run.spectrum.steps / per_epoch
                 values = mean_over(run.spectrum, "energy_rank_0.9", kinds)
-                ax.plot(epochs, values, STYLES[i % 3], color=color, linewidth=width,
+                ax.plot(epochs, values, style, color=color, linewidth=width,
                         label=f"{run.label}: G")  # fmt: skip
             if run.optimizer == "adarank" and len(run.rank_steps):
                 chosen = run.mean_chosen_rank(kinds)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from adarank.analysis import LogError, SpectrumLog, load_log
+from adarank.analysis.layer_types import layer_type
 from experiments import budget_study, genre_finetune, rank_study, sweep
 from paper_figures.common import REPO, InputError, shown
 
@@ -321,8 +322,6 @@ class GenreRun:
 
     def mean_chosen_rank(self, kinds: tuple[str, ...]) -> np.ndarray:
         """(E,) the optimizer's rank averaged over the layers whose type is in ``kinds``."""
-        from adarank.analysis.layer_types import layer_type
-
         rows = [v for name, v in self.ranks.items() if layer_type(name) in kinds]
         return np.mean(rows, axis=0) if rows else np.full(len(self.rank_steps), np.nan)
 
@@ -391,8 +390,8 @@ def genre_markdown(runs: list[GenreRun], heading: str) -> str:
     adamw = next((r for r in runs if r.optimizer == "adamw"), None)
     table = [
         "| optimizer | lr | steps (epochs) | stopped | best val acc | test acc | state MiB "
-        "| state / AdamW | attention energy rank | MLP energy rank | chosen rank (attn / MLP, "
-        "end) |",
+        "| state / AdamW | attention energy rank | MLP energy rank | chosen rank, first → end "
+        "(attn / MLP) |",
         "|---|---:|---|---|---:|---:|---:|---:|---|---|---|",
     ]
     for run in runs:
@@ -402,8 +401,13 @@ def genre_markdown(runs: list[GenreRun], heading: str) -> str:
         acc = f"{s['best_val_acc']:.3f}"
         chosen = "–"
         if run.optimizer == "adarank" and run.ranks:
-            ends = [run.mean_chosen_rank(k)[-1] for k in (ATTENTION, MLP)]
-            chosen = f"{_fmt(ends[0])} / {_fmt(ends[1])}"
+            paths = []
+            for kinds in (ATTENTION, MLP):
+                series = run.mean_chosen_rank(kinds)
+                refreshed = series[series > 0]  # evaluations before the first refresh: no rank
+                if len(refreshed):
+                    paths.append(f"{_fmt(refreshed[0])} → {_fmt(refreshed[-1])}")
+            chosen = " / ".join(paths) or "–"
         cells = [
             GENRE_LABELS.get(run.optimizer, run.optimizer),
             f"{s['lr']:g}",

@@ -148,7 +148,7 @@ def test_genre_table_reports_accuracy_state_ratio_and_rank_path(tmp_path: Path) 
     cells = [c.strip() for c in row.strip("|").split("|")]
     # accuracy not bold (not the best adarank run), state 100 / AdamW's 400, first → low → end.
     assert cells[4] == "0.600" and cells[7] == "0.25×"
-    assert cells[8] == "12.0 → 2.0 (20) → 4.0" and cells[10] == "2.0 / 5.0"
+    assert cells[8] == "12.0 → 2.0 (20) → 4.0" and cells[10] == "8.0 → 2.0 / 8.0 → 5.0"
     assert "**0.650**" in text and "(3 of 9 runs finished)" in text
     found = build.Studies(tmp_path / "s", tmp_path / "r", tmp_path / "b", tmp_path)
     assert [name for name, _, _ in found.drawable()] == ["genre_ranks"]
