@@ -342,6 +342,7 @@ def collect(root: Path) -> dict[str, Any]:
         if arm == "adamw":
             adamw_state = state
         out["seeds"].append(row)
+    out["seeds"].sort(key=lambda r: (r["stage"] != "seeds", list(ARMS).index(r["arm"])))
     for row in out["seeds"]:
         row["state_ratio_to_adamw"] = (
             row["mean_state_mib"] * 2**20 / adamw_state if adamw_state else None

@@ -28,6 +28,7 @@ from paper_figures import (  # noqa: E402
     fig_perplexity,
     fig_rank_study,
     fig_rank_trajectories,
+    fig_seeds,
     fig_spectra,
     studies,
 )
@@ -173,6 +174,8 @@ class Studies:
         out: list[tuple[str, ModuleType, object]] = []
         if self.sweep.lr_rows:
             out.append((fig_lr_sweep.NAME, fig_lr_sweep, self.sweep))
+        if self.sweep.seeded:
+            out.append((fig_seeds.NAME, fig_seeds, self.sweep))
         for budget, runs in self.rank.items():
             if runs:
                 out.append((f"{fig_rank_study.NAME}_{budget}", fig_rank_study, runs))

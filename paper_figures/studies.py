@@ -11,7 +11,8 @@ planned runs each number rests on, so a partial study is never mistaken for a wh
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,90 @@ ATTENTION, MLP = ("q", "k", "v", "o"), ("gate", "up", "down")
 RANK_BUDGETS = ("short", "long")
 
 
+def read_evals(path: Path) -> list[dict[str, Any]]:
+    """The ``kind: eval`` records of a run's ``metrics.jsonl``, one per step (a step logged twice,
+    as a resumed run may, keeps its last record), in step order."""
+    try:
+        with open(path) as fh:
+            records = [r for r in map(json.loads, fh) if r.get("kind") == "eval"]
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{shown(path)}: unreadable ({err})") from err
+    by_step = {r["step"]: r for r in records}
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def chosen_ranks(evals: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """layer -> (E,) the optimizer's rank at each evaluation (0 before its first refresh)."""
+    ranks: dict[str, list[float]] = {}
+    for record in evals:
+        for name, rank in record.get("ranks", {}).items():
+            ranks.setdefault(name, []).append(rank)
+    return {name: np.asarray(v, dtype=float) for name, v in ranks.items() if len(v) == len(evals)}
+
+
+def mean_rank(ranks: dict[str, np.ndarray], kinds: tuple[str, ...], count: int) -> np.ndarray:
+    """(count,) the chosen rank averaged over the layers whose type is in ``kinds``."""
+    rows = [v for name, v in ranks.items() if layer_type(name) in kinds]
+    return np.mean(rows, axis=0) if rows else np.full(count, np.nan)
+
+
+@dataclass
+class SeededRun:
+    """One finished run of the sweep's ``seeds`` or ``equal_memory`` stage."""
+
+    stage: str
+    arm: str
+    lr: float
+    rank: int | None  # the fixed GaLore rank of the equal-memory stage; None otherwise
+    seed: int
+    steps: np.ndarray  # (E,) evaluation steps
+    val_ppl: np.ndarray  # (E,) validation perplexity at those steps
+    ranks: dict[str, np.ndarray]  # layer -> (E,) the optimizer's rank (low-rank optimizers)
+    spectrum: SpectrumLog | None  # G's spectra over the run
+
+    @property
+    def label(self) -> str:
+        return ARM_LABELS[self.arm] + (f" rank {self.rank}" if self.rank else "")
+
+    def mean_chosen_rank(self, kinds: tuple[str, ...]) -> np.ndarray:
+        return mean_rank(self.ranks, kinds, len(self.steps))
+
+
+def load_seeded(root: Path = SWEEP_ROOT) -> list[SeededRun]:
+    """Every finished seeds and equal-memory run under ``root``, by stage, optimizer and seed."""
+    runs = []
+    for stage in ("seeds", "equal_memory"):
+        for path in sorted((root / stage).glob("*/*/summary.json")):
+            d = path.parent
+            try:
+                cfg = json.loads((d / "config.json").read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise InputError(f"{shown(d / 'config.json')}: unreadable ({err})") from err
+            evals = read_evals(d / "metrics.jsonl")
+            spectrum = None
+            if (d / "spectrum.jsonl").is_file():
+                try:
+                    spectrum = load_log(d / "spectrum.jsonl")
+                except LogError as err:
+                    raise InputError(str(err)) from err
+            runs.append(SeededRun(
+                stage, d.parent.name, cfg["lr"], cfg["rank"] if stage == "equal_memory" else None,
+                cfg["seed"], np.asarray([r["step"] for r in evals]),
+                np.asarray([r["val_ppl"] for r in evals], dtype=float), chosen_ranks(evals),
+                spectrum,
+            ))  # fmt: skip
+    order = list(ARM_LABELS)
+    return sorted(runs, key=lambda r: (r.stage != "seeds", order.index(r.arm), r.seed))
+
+
 @dataclass
 class SweepResult:
-    """What ``experiments.sweep.collect`` finds, plus the number of runs planned."""
+    """What ``experiments.sweep.collect`` finds, the number of runs planned, and the finished
+    seeded runs' curves."""
 
     report: dict[str, Any]
     planned_lr_runs: int
+    seeded: list[SeededRun] = field(default_factory=list)
 
     @property
     def lr_rows(self) -> list[dict[str, Any]]:
@@ -61,7 +140,7 @@ def load_sweep(root: Path = SWEEP_ROOT) -> SweepResult:
         report = sweep.collect(root)
     except (OSError, json.JSONDecodeError, KeyError) as err:
         raise InputError(f"{shown(root)}: unreadable sweep results ({err})") from err
-    return SweepResult(report, len(sweep.lr_stage(root)))
+    return SweepResult(report, len(sweep.lr_stage(root)), load_seeded(root))
 
 
 @dataclass
@@ -137,47 +216,153 @@ def sweep_markdown(result: SweepResult, heading: str) -> str:
             f"Best still at the edge of its grid after {sweep.MAX_EXTENSIONS} added learning "
             f"rates (not bracketed): {edge}."
         )
-    seeded = result.report["seeds"]
-    if not seeded:
+    parts.append(seeded_markdown(result, heading))
+    return "\n\n".join(parts) + "\n"
+
+
+def align(series: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-run ``(steps, values)`` series on the steps every run has: ``(steps (K,), (R, K))``."""
+    common = sorted(set.intersection(*(set(steps.tolist()) for steps, _ in series)))
+    stacked = []
+    for steps, values in series:
+        index = {int(k): i for i, k in enumerate(steps)}
+        stacked.append([values[index[k]] for k in common])
+    return np.asarray(common), np.asarray(stacked, dtype=float).reshape(len(series), len(common))
+
+
+def seed_groups(runs: Sequence[SeededRun]) -> list[list[SeededRun]]:
+    """The runs grouped by stage, optimizer, lr and fixed rank (the seeds of one table row)."""
+    groups: dict[tuple[str, str, float, int | None], list[SeededRun]] = {}
+    for run in runs:
+        groups.setdefault((run.stage, run.arm, run.lr, run.rank), []).append(run)
+    return list(groups.values())
+
+
+def seed_group(result: SweepResult, row: dict[str, Any]) -> list[SeededRun]:
+    """The finished runs behind one row of the seeded table."""
+    key = (row["stage"], row["arm"], row["lr"], row["rank"])
+    return [r for r in result.seeded if (r.stage, r.arm, r.lr, r.rank) == key]
+
+
+def _chosen_cell(runs: Sequence[SeededRun]) -> str:
+    """Chosen rank (attention / MLP), mean over the evaluations after the first refresh → end."""
+    if not all(r.ranks for r in runs):
+        return "–"
+    cells = []
+    for kinds in (ATTENTION, MLP):
+        series = [r.mean_chosen_rank(kinds) for r in runs]
+        refreshed = [v[v > 0] for v in series]  # before the first refresh there is no rank
+        if not all(len(v) for v in refreshed):
+            return "–"
+        mean = np.mean([v.mean() for v in refreshed])
+        cells.append(f"{_fmt(mean)} → {_fmt(np.mean([v[-1] for v in refreshed]))}")
+    return " / ".join(cells)
+
+
+def _energy_cell(runs: Sequence[SeededRun]) -> str:
+    """G's mean energy rank (attention / MLP), mean over seeds: lowest (step) → end."""
+    spectra = [r.spectrum for r in runs]
+    if not all(log is not None and len(log.steps) for log in spectra):
+        return "–"
+    cells = []
+    for kinds in (ATTENTION, MLP):
+        steps, stacked = align([
+            (np.asarray(log.steps), mean_over(log, "energy_rank_0.9", kinds))
+            for log in spectra if log is not None
+        ])  # fmt: skip
+        mean = np.nanmean(stacked, axis=0)
+        low = int(np.nanargmin(mean))
+        cells.append(f"{_fmt(mean[low])} ({int(steps[low])}) → {_fmt(mean[-1])}")
+    return " / ".join(cells)
+
+
+def _verdicts(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Table lines: each optimizer against AdamW, and AdaRankAdamW against both GaLore rows, for
+    the rows whose seeds have all finished."""
+    complete = [r for r in rows if r["n_seeds"] == len(sweep.SEEDS)]
+
+    def find(stage: str, arm: str) -> dict[str, Any] | None:
+        return next((r for r in complete if (r["stage"], r["arm"]) == (stage, arm)), None)
+
+    def name(row: dict[str, Any]) -> str:
+        return ARM_LABELS[row["arm"]] + (f" rank {row['rank']}" if row["rank"] else "")
+
+    pairs = [(r, find("seeds", "adamw")) for r in complete if r["arm"] != "adamw"]
+    for arm in ("adarank", "adarank_residual"):
+        pairs += [(find("seeds", arm), find("seeds", "galore")),
+                  (find("seeds", arm), find("equal_memory", "galore"))]  # fmt: skip
+    lines = []
+    for a, b in pairs:
+        if a is None or b is None:
+            continue
+        delta = a["val_ppl_mean"] - b["val_ppl_mean"]
+        spread = 2 * max(a["val_ppl_std"], b["val_ppl_std"])
+        word = (
+            "tie" if sweep.is_tie(a, b) else ("lower (better)" if delta < 0 else "higher (worse)")
+        )
+        lines.append(f"| {name(a)} vs {name(b)} | {delta:+.2f} | {spread:.2f} | {word} |")
+    return lines
+
+
+def seeded_markdown(result: SweepResult, heading: str) -> str:
+    """The seeded 3,000-step runs: mean ± std per optimizer, state, ranks, and the verdicts."""
+    rows = result.report["seeds"]
+    planned = len(sweep.ARMS) * len(sweep.SEEDS)
+    done = sum(r["n_seeds"] for r in rows if r["stage"] == "seeds")
+    equal = sum(r["n_seeds"] for r in rows if r["stage"] == "equal_memory")
+    parts = [
+        f"{heading} Seeded runs: `cpu` model, {sweep.SEED_STEPS} steps, seeds "
+        f"{min(sweep.SEEDS)}–{max(sweep.SEEDS)} at each optimizer's best lr ({done} of {planned} "
+        f"runs finished; equal-memory GaLore: {equal} of {len(sweep.SEEDS)})",
+        "Final validation perplexity, mean ± sample std over the finished seeds. State: the "
+        "optimizer's state, mean over the evaluations (every 100 steps). Chosen rank: the "
+        "optimizer's rank, mean over the attention (q, k, v, o) or MLP (gate, up, down) "
+        "matrices, averaged over the run → at the end. G energy rank: the mini-batch "
+        "gradient's mean energy rank at η = 0.9 over the same matrices (logged every 100 "
+        "steps), lowest (step) → end. Means over seeds. Tokens/s: wall clock with two runs "
+        "side by side on a shared 2-core machine. The equal-memory row is GaLore at the fixed "
+        "rank whose state is closest to AdaRankAdamW's mean state. Commands: "
+        "`python -m experiments.sweep run --stage seeds`, then `--stage equal_memory`.",
+    ]
+    if not rows:
         when = (
             "the lr stage has finished, so they can start"
-            if best
+            if result.report["best_lr"]
             else "they start when the lr stage has finished"
         )
-        parts.append(
-            f"Seeded runs ({len(sweep.SEEDS)} seeds × {sweep.SEED_STEPS} steps at each "
-            f"optimizer's best lr, then the equal-memory GaLore row): not run yet; {when} "
-            "(`python -m experiments.sweep run --stage seeds`)."
-        )
-        return "\n\n".join(parts) + "\n"
+        parts.append(f"Not run yet; {when}.")
+        return "\n\n".join(parts)
     table = [
         "| optimizer | stage | lr | seeds | val ppl (mean ± std) | state MiB | state / AdamW "
-        "| tokens/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| chosen rank, attention / MLP: mean → end | G energy rank, attention / MLP | tokens/s |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---:|",
     ]
-    for row in seeded:
+    for row in rows:
+        group = seed_group(result, row)
         label = ARM_LABELS[row["arm"]] + (f" (rank {row['rank']})" if row["rank"] else "")
-        ratio = row["state_ratio_to_adamw"]
+        r = row["state_ratio_to_adamw"]
+        ratio = "–" if r is None else f"{r:.2f}×"
         table.append(
             f"| {label} | {row['stage']} | {row['lr']:g} | {row['n_seeds']} "
             f"| {_fmt(row['val_ppl_mean'], 2)} ± {_fmt(row['val_ppl_std'], 2)} "
-            f"| {_fmt(row['mean_state_mib'], 2)} | {_fmt(ratio, 2)}× "
+            f"| {_fmt(row['mean_state_mib'], 2)} | {ratio} "
+            f"| {_chosen_cell(group) if row['arm'] != 'adamw' else '–'} | {_energy_cell(group)} "
             f"| {_fmt(row['tokens_per_s_mean'], 0)} |"
         )
     parts.append("\n".join(table))
-    complete = [r for r in seeded if r["n_seeds"] == len(sweep.SEEDS)]
-    reference = next((r for r in complete if r["arm"] == "adamw"), None)
-    if reference is not None:
-        verdicts = []
-        for row in complete:
-            if row is reference:
-                continue
-            delta = row["val_ppl_mean"] - reference["val_ppl_mean"]
-            word = "tie" if sweep.is_tie(row, reference) else ("worse" if delta > 0 else "better")
-            verdicts.append(f"{ARM_LABELS[row['arm']]} ({row['stage']}): {delta:+.2f} ppl, {word}")
-        parts.append("Against AdamW (a tie: means closer than 2 × the larger std): "
-                     + "; ".join(verdicts) + ".")  # fmt: skip
-    return "\n\n".join(parts) + "\n"
+    verdicts = _verdicts(rows)
+    if verdicts:
+        parts.append("\n".join([
+            "Differences in mean final validation perplexity (first − second), for the rows "
+            f"with all {len(sweep.SEEDS)} seeds; a tie: closer than twice the larger std.",
+            "",
+            "| comparison | Δ val ppl | 2 × larger std | verdict |",
+            "|---|---:|---:|---|",
+            *verdicts,
+        ]))  # fmt: skip
+    else:
+        parts.append(f"No comparison yet: it needs two rows with all {len(sweep.SEEDS)} seeds.")
+    return "\n\n".join(parts)
 
 
 def rank_study_markdown(runs: list[StudyRun], heading: str, budget: str = "long") -> str:
@@ -322,8 +507,7 @@ class GenreRun:
 
     def mean_chosen_rank(self, kinds: tuple[str, ...]) -> np.ndarray:
         """(E,) the optimizer's rank averaged over the layers whose type is in ``kinds``."""
-        rows = [v for name, v in self.ranks.items() if layer_type(name) in kinds]
-        return np.mean(rows, axis=0) if rows else np.full(len(self.rank_steps), np.nan)
+        return mean_rank(self.ranks, kinds, len(self.rank_steps))
 
 
 def load_genre(root: Path = GENRE_ROOT) -> list[GenreRun]:
@@ -341,20 +525,10 @@ def load_genre(root: Path = GENRE_ROOT) -> list[GenreRun]:
                 spectrum = load_log(d / "spectrum.jsonl")
             except LogError as err:
                 raise InputError(str(err)) from err
-        steps: list[int] = []
-        ranks: dict[str, list[int]] = {}
-        try:
-            with open(d / "metrics.jsonl") as fh:
-                evals = [r for r in map(json.loads, fh) if r.get("kind") == "eval" and "ranks" in r]
-        except (OSError, json.JSONDecodeError) as err:
-            raise InputError(f"{shown(d / 'metrics.jsonl')}: unreadable ({err})") from err
-        for record in evals:
-            steps.append(record["step"])
-            for name, rank in record["ranks"].items():
-                ranks.setdefault(name, []).append(rank)
+        evals = [r for r in read_evals(d / "metrics.jsonl") if "ranks" in r]
+        steps = np.asarray([r["step"] for r in evals])
         best = found["best"].get(summary["optimizer"]) is summary
-        arrays = {name: np.asarray(v, dtype=float) for name, v in ranks.items()}
-        runs.append(GenreRun(summary, spectrum, np.asarray(steps), arrays, best))
+        runs.append(GenreRun(summary, spectrum, steps, chosen_ranks(evals), best))
     order = list(GENRE_LABELS)
     return sorted(runs, key=lambda r: (order.index(r.optimizer), r.summary["lr"]))
 

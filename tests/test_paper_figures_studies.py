@@ -46,7 +46,7 @@ def test_partial_sweep_table_says_what_has_not_run(tmp_path: Path) -> None:
     text = studies.sweep_markdown(studies.load_sweep(tmp_path), "###")
     assert f"(1 of {len(sweep.lr_stage())} runs finished)" in text
     assert "123.46" in text and "not run yet" in text
-    assert "Seeded runs" in text and "not run yet" in text.split("Seeded runs")[1]
+    assert "Seeded runs" in text and "not run yet" in text.split("Seeded runs")[1].lower()
 
 
 def test_rank_study_table_reports_low_point_and_end_per_type(tmp_path: Path) -> None:
@@ -154,3 +154,85 @@ def test_genre_table_reports_accuracy_state_ratio_and_rank_path(tmp_path: Path) 
     assert [name for name, _, _ in found.drawable()] == ["genre_ranks"]
     paths = build.build([], tmp_path / "out", study=found)
     assert paths[0].read_bytes().startswith(PNG_SIGNATURE)
+
+
+def _finish_seeded_run(
+    root: Path, arm: str, seed: int, ppl: float, ranks: dict[str, list[int]] | None = None
+) -> None:
+    """A finished seeds-stage run: three evaluations (steps 100-300), ``ranks`` the optimizer's
+    rank per layer at each, and a four-record G spectrum."""
+    run = sweep.Run("seeds", arm, 0.01, seed, sweep.SEED_STEPS)
+    d = run.directory(root)
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"lr": run.lr, "seed": seed, "rank": 64}))
+    with open(d / "metrics.jsonl", "w") as fh:
+        for i, step in enumerate((100, 200, 300)):
+            record = {"kind": "eval", "step": step, "val_ppl": ppl + 10 * (2 - i),
+                      "state_bytes": {"total": 2**20}}  # fmt: skip
+            if ranks:
+                record["ranks"] = {name: v[i] for name, v in ranks.items()}
+            fh.write(json.dumps(record) + "\n")
+    (d / "summary.json").write_text(json.dumps({"val_ppl": ppl, "tokens_per_s": 10.0}))
+    _spectrum(d / "spectrum.jsonl", [30.0, 4.0, 9.0, 12.0])
+
+
+def test_seeded_table_reports_mean_std_ranks_and_two_std_verdicts(tmp_path: Path) -> None:
+    # AdamW 81 ± 1, GaLore 85 ± 1, AdaRank 82 ± 0.5 (sample std over three seeds).
+    chosen = {LAYERS[0][0]: [0, 4, 8], LAYERS[1][0]: [0, 10, 20]}
+    for seed, (a, g, r) in enumerate([(80, 84, 81.5), (81, 85, 82.0), (82, 86, 82.5)]):
+        _finish_seeded_run(tmp_path, "adamw", seed, a)
+        _finish_seeded_run(tmp_path, "galore", seed, g, chosen)
+        _finish_seeded_run(tmp_path, "adarank", seed, r, chosen)
+    result = studies.load_sweep(tmp_path)
+    assert [(r.arm, r.seed) for r in result.seeded][:4] == [
+        ("adamw", 0),
+        ("adamw", 1),
+        ("adamw", 2),
+        ("galore", 0),
+    ]
+    np.testing.assert_array_equal(result.seeded[0].steps, [100, 200, 300])
+    text = studies.seeded_markdown(result, "###")
+    assert f"(9 of {len(sweep.ARMS) * len(sweep.SEEDS)} runs finished" in text
+    assert "81.00 ± 1.00" in text and "85.00 ± 1.00" in text and "82.00 ± 0.50" in text
+    # Chosen rank after the first refresh (step 100 has none): q (4 + 8) / 2 → 8, up 15 → 20.
+    assert "| 6.0 → 8.0 / 15.0 → 20.0 |" in text
+    # G's energy rank: lowest 4.0 at step 1 of the spectrum, 12.0 at the end, per layer type.
+    assert "| 4.0 (1) → 12.0 / 4.0 (1) → 12.0 |" in text
+    # 2 × larger std is 2.00 for every pair here: +4 is a difference, +1 is a tie.
+    assert "| GaLore vs AdamW | +4.00 | 2.00 | higher (worse) |" in text
+    assert "| AdaRankAdamW vs AdamW | +1.00 | 2.00 | tie |" in text
+    assert "| AdaRankAdamW vs GaLore | -3.00 | 2.00 | lower (better) |" in text
+
+
+def test_seeded_verdicts_wait_for_every_seed(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        _finish_seeded_run(tmp_path, "adamw", seed, 80.0 + seed)
+        _finish_seeded_run(tmp_path, "galore", seed, 90.0 + seed)
+    text = studies.seeded_markdown(studies.load_sweep(tmp_path), "###")
+    assert "80.50 ± 0.71" in text
+    assert "vs AdamW" not in text and "No comparison yet" in text
+
+
+def test_read_evals_keeps_the_last_record_of_a_step_in_step_order(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"kind": "eval", "step": 200, "val_ppl": 9.0}, {"kind": "train", "step": 150},
+             {"kind": "eval", "step": 100, "val_ppl": 8.0},
+             {"kind": "eval", "step": 200, "val_ppl": 7.0}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    evals = studies.read_evals(path)
+    assert [(r["step"], r["val_ppl"]) for r in evals] == [(100, 8.0), (200, 7.0)]
+    path.write_text("{not json\n")
+    with pytest.raises(studies.InputError, match="metrics.jsonl: unreadable"):
+        studies.read_evals(path)
+
+
+def test_seeded_figure_is_drawn_once_a_seeded_run_has_finished(tmp_path: Path) -> None:
+    sweep_root, out = tmp_path / "sweep", tmp_path / "out"
+    _finish_seeded_run(sweep_root, "adamw", 0, 80.0)
+    _finish_seeded_run(sweep_root, "adarank", 0, 82.0, {LAYERS[0][0]: [0, 4, 8]})
+    _finish_seeded_run(sweep_root, "adarank", 1, 83.0, {LAYERS[0][0]: [0, 6, 8]})
+    found = build.Studies(sweep_root, tmp_path / "rank", tmp_path / "budget", tmp_path / "genre")
+    assert [name for name, _, _ in found.drawable()] == ["seeds"]
+    (path,) = build.build([], out, study=found)
+    assert path.name == "seeds.png" and path.read_bytes().startswith(PNG_SIGNATURE)
+    assert "studies/seeds.png" in found.markdown(out, out, level=3)
