@@ -111,12 +111,16 @@ def load_seeded(root: Path = SWEEP_ROOT) -> list[SeededRun]:
                     spectrum = load_log(d / "spectrum.jsonl")
                 except LogError as err:
                     raise InputError(str(err)) from err
-            runs.append(SeededRun(
-                stage, d.parent.name, cfg["lr"], cfg["rank"] if stage == "equal_memory" else None,
-                cfg["seed"], np.asarray([r["step"] for r in evals]),
-                np.asarray([r["val_ppl"] for r in evals], dtype=float), chosen_ranks(evals),
-                spectrum,
-            ))  # fmt: skip
+            try:
+                runs.append(SeededRun(
+                    stage, d.parent.name, cfg["lr"],
+                    cfg["rank"] if stage == "equal_memory" else None, cfg["seed"],
+                    np.asarray([r["step"] for r in evals]),
+                    np.asarray([r["val_ppl"] for r in evals], dtype=float), chosen_ranks(evals),
+                    spectrum,
+                ))  # fmt: skip
+            except KeyError as err:
+                raise InputError(f"{shown(d)}: config or eval record lacks {err}") from err
     order = list(ARM_LABELS)
     return sorted(runs, key=lambda r: (r.stage != "seeds", order.index(r.arm), r.seed))
 

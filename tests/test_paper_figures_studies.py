@@ -236,3 +236,11 @@ def test_seeded_figure_is_drawn_once_a_seeded_run_has_finished(tmp_path: Path) -
     (path,) = build.build([], out, study=found)
     assert path.name == "seeds.png" and path.read_bytes().startswith(PNG_SIGNATURE)
     assert "studies/seeds.png" in found.markdown(out, out, level=3)
+
+
+def test_seeded_run_without_its_eval_fields_is_an_input_error(tmp_path: Path) -> None:
+    _finish_seeded_run(tmp_path, "adamw", 0, 80.0)
+    d = sweep.Run("seeds", "adamw", 0.01, 0, sweep.SEED_STEPS).directory(tmp_path)
+    (d / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 100}) + "\n")
+    with pytest.raises(studies.InputError, match="lacks 'val_ppl'"):
+        studies.load_seeded(tmp_path)
