@@ -7,10 +7,11 @@ batches, same warm-up + cosine schedule; see ``experiments.pretrain``): once wit
 ``torch.optim.AdamW`` and once with ``adarank.AdaRankAdamW``. While the AdaRankAdamW run goes, it
 prints the per-layer ranks the optimizer chose at each evaluation; at the end it prints the
 comparison (validation perplexity, optimizer-state memory, tokens/s) and writes the rank figure
-``<out>/rank_decay.png`` from the run's spectrum log. Every number printed is read back from the
-runs' logs in ``<out>/<optimizer>/``. Tokens/s is wall-clock throughput, so it drops when other
-jobs share the CPU. Both runs share one process, whose peak resident memory cannot be told apart
-per run on a CPU: the table shows no peak memory (the optimizer-state column is exact).
+``<out>/rank_trajectories.png`` from the run's spectrum log. Every number printed is read back
+from the runs' logs in ``<out>/<optimizer>/``. Tokens/s is wall-clock throughput, so it drops
+when other jobs share the CPU. Both runs share one process, whose peak resident memory cannot be
+told apart per run on a CPU: the table shows no peak memory (the optimizer-state column is
+exact).
 
 Each run writes a checkpoint (``ckpt.pt``, about 75 MB for the ``cpu`` model); the demo deletes
 them when it is done unless ``--keep-checkpoints``. Tokenised data is cached in
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for summary in summaries:  # one process's peak RSS, the same number for both runs
         summary.pop("peak_memory_bytes", None)
     print(comparison_table(summaries))
-    figure = rank_figure(runs["adarank"] / "spectrum.jsonl", out / "rank_decay.png")
+    figure = rank_figure(runs["adarank"] / "spectrum.jsonl", out / "rank_trajectories.png")
     print(f"\nrank figure: {figure}")
     return 0
 

@@ -323,8 +323,9 @@ def seeded_markdown(result: SweepResult, heading: str) -> str:
         "optimizer's rank, mean over the attention (q, k, v, o) or MLP (gate, up, down) "
         "matrices, averaged over the run → at the end. G energy rank: the mini-batch "
         "gradient's mean energy rank at η = 0.9 over the same matrices (logged every 100 "
-        "steps), lowest (step) → end. Means over seeds. Tokens/s: wall clock with two runs "
-        "side by side on a shared 2-core machine. The equal-memory row is GaLore at the fixed "
+        "steps), lowest (step) → end. Means over seeds. Tokens/s: wall clock with two or three "
+        "runs side by side on a shared 2-core machine, so not comparable between rows (the "
+        "equal-memory runs shared it three ways). The equal-memory row is GaLore at the fixed "
         "rank whose state is closest to AdaRankAdamW's mean state. Commands: "
         "`python -m experiments.sweep run --stage seeds`, then `--stage equal_memory`.",
     ]
