@@ -57,6 +57,16 @@ def read_evals(path: Path) -> list[dict[str, Any]]:
     return [by_step[k] for k in sorted(by_step)]
 
 
+def optional_spectrum(path: Path) -> SpectrumLog | None:
+    """The spectrum log at ``path``, or None where the run logged none."""
+    if not path.is_file():
+        return None
+    try:
+        return load_log(path)
+    except LogError as err:
+        raise InputError(str(err)) from err
+
+
 def chosen_ranks(evals: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
     """layer -> (E,) the optimizer's rank at each evaluation (0 before its first refresh)."""
     ranks: dict[str, list[float]] = {}
@@ -105,12 +115,7 @@ def load_seeded(root: Path = SWEEP_ROOT) -> list[SeededRun]:
             except (OSError, json.JSONDecodeError) as err:
                 raise InputError(f"{shown(d / 'config.json')}: unreadable ({err})") from err
             evals = read_evals(d / "metrics.jsonl")
-            spectrum = None
-            if (d / "spectrum.jsonl").is_file():
-                try:
-                    spectrum = load_log(d / "spectrum.jsonl")
-                except LogError as err:
-                    raise InputError(str(err)) from err
+            spectrum = optional_spectrum(d / "spectrum.jsonl")
             try:
                 runs.append(SeededRun(
                     stage, d.parent.name, cfg["lr"],
@@ -524,12 +529,7 @@ def load_genre(root: Path = GENRE_ROOT) -> list[GenreRun]:
     runs = []
     for summary in found["runs"]:
         d = Path(summary["dir"])
-        spectrum = None
-        if (d / "spectrum.jsonl").is_file():
-            try:
-                spectrum = load_log(d / "spectrum.jsonl")
-            except LogError as err:
-                raise InputError(str(err)) from err
+        spectrum = optional_spectrum(d / "spectrum.jsonl")
         evals = [r for r in read_evals(d / "metrics.jsonl") if "ranks" in r]
         steps = np.asarray([r["step"] for r in evals])
         best = found["best"].get(summary["optimizer"]) is summary
