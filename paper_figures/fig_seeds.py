@@ -19,7 +19,7 @@ from paper_figures.studies import (
     MLP,
     SweepResult,
     align,
-    mean_over,
+    energy_rank_over_seeds,
     seed_groups,
 )
 
@@ -45,12 +45,9 @@ def figure(result: SweepResult) -> Figure:
             ax.fill_between(steps[keep], (mean - std)[keep], (mean + std)[keep], color=color,
                             alpha=0.2)  # fmt: skip
         for ax, kinds in ((axes[1], ATTENTION), (axes[2], MLP)):
-            spectra = [r.spectrum for r in group if r.spectrum is not None]
-            if len(spectra) == len(group):
-                at, ranks = align([
-                    (np.asarray(log.steps), mean_over(log, "energy_rank_0.9", kinds))
-                    for log in spectra
-                ])  # fmt: skip
+            found = energy_rank_over_seeds(group, kinds)
+            if found is not None:
+                at, ranks = found
                 ax.plot(at, np.nanmean(ranks, axis=0), style, color=color, label=f"{label}: G")
             if first.arm.startswith("adarank") and all(r.ranks for r in group):
                 at, chosen = align([(r.steps, r.mean_chosen_rank(kinds)) for r in group])

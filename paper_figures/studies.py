@@ -45,6 +45,11 @@ ATTENTION, MLP = ("q", "k", "v", "o"), ("gate", "up", "down")
 RANK_BUDGETS = ("short", "long")
 
 
+def arm_label(arm: str, rank: int | None) -> str:
+    """An optimizer's name in the sweep's tables and figures, with its fixed rank if it has one."""
+    return ARM_LABELS[arm] + (f" rank {rank}" if rank else "")
+
+
 def read_evals(path: Path) -> list[dict[str, Any]]:
     """The ``kind: eval`` records of a run's ``metrics.jsonl``, one per step (a step logged twice,
     as a resumed run may, keeps its last record), in step order."""
@@ -98,7 +103,12 @@ class SeededRun:
 
     @property
     def label(self) -> str:
-        return ARM_LABELS[self.arm] + (f" rank {self.rank}" if self.rank else "")
+        return arm_label(self.arm, self.rank)
+
+    @property
+    def key(self) -> tuple[str, str, float, int | None]:
+        """What its seeds share: one row of the seeded table."""
+        return self.stage, self.arm, self.lr, self.rank
 
     def mean_chosen_rank(self, kinds: tuple[str, ...]) -> np.ndarray:
         return mean_rank(self.ranks, kinds, len(self.steps))
@@ -243,14 +253,14 @@ def seed_groups(runs: Sequence[SeededRun]) -> list[list[SeededRun]]:
     """The runs grouped by stage, optimizer, lr and fixed rank (the seeds of one table row)."""
     groups: dict[tuple[str, str, float, int | None], list[SeededRun]] = {}
     for run in runs:
-        groups.setdefault((run.stage, run.arm, run.lr, run.rank), []).append(run)
+        groups.setdefault(run.key, []).append(run)
     return list(groups.values())
 
 
 def seed_group(result: SweepResult, row: dict[str, Any]) -> list[SeededRun]:
     """The finished runs behind one row of the seeded table."""
     key = (row["stage"], row["arm"], row["lr"], row["rank"])
-    return [r for r in result.seeded if (r.stage, r.arm, r.lr, r.rank) == key]
+    return [r for r in result.seeded if r.key == key]
 
 
 def _chosen_cell(runs: Sequence[SeededRun]) -> str:
@@ -268,17 +278,28 @@ def _chosen_cell(runs: Sequence[SeededRun]) -> str:
     return " / ".join(cells)
 
 
-def _energy_cell(runs: Sequence[SeededRun]) -> str:
-    """G's mean energy rank (attention / MLP), mean over seeds: lowest (step) → end."""
+def energy_rank_over_seeds(
+    runs: Sequence[SeededRun], kinds: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """G's energy rank at η = 0.9, mean over the ``kinds`` matrices, on the steps every run
+    logged: ``(steps (K,), (R, K))``; None unless every run has a spectrum."""
     spectra = [r.spectrum for r in runs]
     if not all(log is not None and len(log.steps) for log in spectra):
-        return "–"
+        return None
+    return align([
+        (np.asarray(log.steps), mean_over(log, "energy_rank_0.9", kinds))
+        for log in spectra if log is not None
+    ])  # fmt: skip
+
+
+def _energy_cell(runs: Sequence[SeededRun]) -> str:
+    """G's mean energy rank (attention / MLP), mean over seeds: lowest (step) → end."""
     cells = []
     for kinds in (ATTENTION, MLP):
-        steps, stacked = align([
-            (np.asarray(log.steps), mean_over(log, "energy_rank_0.9", kinds))
-            for log in spectra if log is not None
-        ])  # fmt: skip
+        found = energy_rank_over_seeds(runs, kinds)
+        if found is None:
+            return "–"
+        steps, stacked = found
         mean = np.nanmean(stacked, axis=0)
         low = int(np.nanargmin(mean))
         cells.append(f"{_fmt(mean[low])} ({int(steps[low])}) → {_fmt(mean[-1])}")
@@ -293,9 +314,6 @@ def _verdicts(rows: Sequence[dict[str, Any]]) -> list[str]:
     def find(stage: str, arm: str) -> dict[str, Any] | None:
         return next((r for r in complete if (r["stage"], r["arm"]) == (stage, arm)), None)
 
-    def name(row: dict[str, Any]) -> str:
-        return ARM_LABELS[row["arm"]] + (f" rank {row['rank']}" if row["rank"] else "")
-
     pairs = [(r, find("seeds", "adamw")) for r in complete if r["arm"] != "adamw"]
     for arm in ("adarank", "adarank_residual"):
         pairs += [(find("seeds", arm), find("seeds", "galore")),
@@ -309,7 +327,8 @@ def _verdicts(rows: Sequence[dict[str, Any]]) -> list[str]:
         word = (
             "tie" if sweep.is_tie(a, b) else ("lower (better)" if delta < 0 else "higher (worse)")
         )
-        lines.append(f"| {name(a)} vs {name(b)} | {delta:+.2f} | {spread:.2f} | {word} |")
+        first, second = arm_label(a["arm"], a["rank"]), arm_label(b["arm"], b["rank"])
+        lines.append(f"| {first} vs {second} | {delta:+.2f} | {spread:.2f} | {word} |")
     return lines
 
 
@@ -350,7 +369,7 @@ def seeded_markdown(result: SweepResult, heading: str) -> str:
     ]
     for row in rows:
         group = seed_group(result, row)
-        label = ARM_LABELS[row["arm"]] + (f" (rank {row['rank']})" if row["rank"] else "")
+        label = arm_label(row["arm"], row["rank"])
         r = row["state_ratio_to_adamw"]
         ratio = "–" if r is None else f"{r:.2f}×"
         table.append(
